@@ -1,0 +1,123 @@
+"""structlog, configured in one place.
+
+JSON when stdout is not a terminal (or with ``--log-format json``), a readable console
+otherwise. The PHI filter runs on every event, so patient data never reaches a log
+line even when passed by mistake. Twisted's own log goes through the standard
+library and ends in the same processors.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+# Keys that carry patient data. Their values are replaced, never printed.
+PHI_KEYS = frozenset(
+    {
+        "patient_name",
+        "name",
+        "patient",
+        "patient_id",
+        "pid",
+        "birth_date",
+        "dob",
+        "date_of_birth",
+        "value",
+        "value_text",
+        "value_number",
+        "result_value",
+        "result",
+        "results",
+        "observation",
+        "observations",
+        "payload",
+        "raw",
+        "message_text",
+        "address",
+        "phone",
+    }
+)
+REDACTED = "[redacted]"
+
+# Inside free text (an exception message, an event name someone wrote badly) an HL7 PID
+# segment or an ASTM P record may appear: blank everything after the segment id.
+_HL7_PID = re.compile(r"PID\|[^\r\n]*")
+_ASTM_P = re.compile(r"(?<![A-Za-z0-9])P\|\d*\|[^\r\n]*")
+_OBX_R = re.compile(r"(OBX\|[^\r\n]*|(?<![A-Za-z0-9])R\|\d+\|[^\r\n]*)")
+
+
+def _scrub_text(text: str) -> str:
+    text = _HL7_PID.sub("PID|" + REDACTED, text)
+    text = _ASTM_P.sub("P|" + REDACTED, text)
+    return _OBX_R.sub(REDACTED, text)
+
+
+def redact_phi(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: remove patient data from every event."""
+    for key in list(event_dict):
+        value = event_dict[key]
+        if key.lower() in PHI_KEYS:
+            event_dict[key] = REDACTED
+        elif isinstance(value, str):
+            event_dict[key] = _scrub_text(value)
+        elif isinstance(value, bytes | bytearray):
+            event_dict[key] = f"<{len(value)} bytes>"
+        elif isinstance(value, dict):
+            event_dict[key] = {
+                k: (REDACTED if str(k).lower() in PHI_KEYS else v) for k, v in value.items()
+            }
+    return event_dict
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_phi,
+    ]
+
+
+def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> None:
+    """Configure structlog and stdlib logging (Twisted's log is routed through it)."""
+    use_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *_shared_processors(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def route_twisted_logs() -> None:
+    """Send Twisted's log events to the standard library logger `twisted`."""
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
