@@ -35,5 +35,5 @@ class StorageError(LabrelayError):
     """The database could not store or read something."""
 
 
-class InvalidTransition(LabrelayError):  # noqa: N818 - the name the lab uses
+class InvalidTransition(LabrelayError):
     """A sample was asked to move between two states the lifecycle does not join."""

@@ -114,10 +114,14 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Library chatter that says nothing to an operator.
+    for noisy in ("alembic", "sqlalchemy", "hpack", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def route_twisted_logs() -> None:
     """Send Twisted's log events to the standard library logger `twisted`."""
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
+    from twisted.logger import ILogObserver, STDLibLogObserver, globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], redirectStandardIO=False)
+    observer = ILogObserver(STDLibLogObserver(name="twisted"))
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

@@ -36,13 +36,15 @@ def _require_postgres() -> bool:
 
 @pytest.fixture(scope="session")
 def postgres_template() -> Iterator[str]:
-    """A migrated template database; each test gets a fresh copy of it (fast CREATE ... TEMPLATE)."""
+    """A migrated template database; each test gets a fresh copy (CREATE ... TEMPLATE is fast)."""
     base_url = os.environ.get(PG_ENV)
     if not base_url:
         if _require_postgres():
             pytest.fail(f"LABRELAY_REQUIRE_POSTGRES is set but {PG_ENV} is not")
         pytest.skip(HOW_TO_ENABLE)
-    admin = create_engine(base_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    admin = create_engine(
+        base_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+    )
     try:
         with admin.connect() as conn:
             conn.execute(text("SELECT 1"))

@@ -48,7 +48,9 @@ class CliState:
         from engine.config import load_config
 
         if self.config_path is None:
-            raise click.UsageError("this command needs --config FILE (e.g. config/labrelay.example.yaml)")
+            raise click.UsageError(
+                "this command needs --config FILE (e.g. config/labrelay.example.yaml)"
+            )
         return load_config(self.config_path)
 
     def database_url(self) -> str:

@@ -1,0 +1,567 @@
+"""The message path: store raw -> decode -> map -> apply -> reply (DESIGN.md).
+
+Everything here that touches the database runs as a unit of work on the single writer
+thread (:mod:`engine.writer`); the adapters call :class:`HL7Handler` / :class:`ASTMHandler`
+on the reactor thread and get Deferreds back.
+
+Durability rules (DESIGN.md) as they appear here:
+1. the reply is built only after the unit that stored the raw bytes committed;
+2. a storage failure gives no positive acknowledgement (HL7 AR / CR with a resend text,
+   ASTM NAK of the completing frame);
+3. content that cannot be applied is stored and HELD with a reason code;
+4. while a specimen has a HELD message, later messages for it are held behind it;
+5. duplicates (same sender + control id, or same bytes) are recorded and acknowledged
+   again with the original's code, never applied twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from drivers.model import AnalyzerMessage, MessageKind
+from drivers.registry import Driver
+from engine.config import InterfaceConfig
+from engine.errors import LabrelayError, StorageError
+from engine.writer import DatabaseWriter
+from lis_bridge.models import MessageSpecimen, MessageStatus, Patient, RawMessage, Sample
+
+log = structlog.get_logger(__name__)
+
+DUPLICATE_WINDOW = timedelta(days=2)
+
+# Hold reasons the engine itself assigns (lis_bridge.results adds UNKNOWN_SPECIMEN etc.).
+DECODE_ERROR = "DECODE_ERROR"
+UNMAPPED_CODE = "UNMAPPED_CODE"
+BEHIND_HELD = "BEHIND_HELD"
+NO_MAPPING = "NO_MAPPING"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class _Hold(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class InterfaceRuntime:
+    """What the pipeline needs to know about one interface."""
+
+    config: InterfaceConfig
+    driver: Driver
+    mapping: Any | None = None  # engine.mapping.AnalyzerMapping
+    capture: Any | None = None  # engine.capture.CaptureWriter
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass
+class IngestResult:
+    """What became of one message; the adapter builds its reply from it."""
+
+    message_id: int
+    status: str
+    outcome: str  # accepted | held | rejected | duplicate | ack
+    hold_reason: str = ""
+    hold_detail: str = ""
+    kind: str = ""
+    control_id: str = ""
+    original_ack_code: str = ""
+    outgoing: list[bytes] = field(default_factory=list)
+    specimen_ids: tuple[str, ...] = ()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# ------------------------------------------------------------------ units of work
+
+
+def ingest(
+    session: Session,
+    rt: InterfaceRuntime,
+    raw: bytes,
+    peer: str,
+    *,
+    apply_now: bool = True,
+    now: datetime | None = None,
+) -> IngestResult:
+    """Store ``raw`` and (unless ``apply_now`` is false) decode, map and apply it."""
+    now = now or _utcnow()
+    digest = hashlib.sha256(raw).hexdigest()
+    message: AnalyzerMessage | None = None
+    decode_error = ""
+    try:
+        message = rt.driver.decode(raw)
+    except LabrelayError as exc:
+        decode_error = str(exc)
+    except (ValueError, IndexError, KeyError, UnicodeError) as exc:  # a driver bug on odd input
+        decode_error = f"{type(exc).__name__}: {exc}"
+
+    row = RawMessage(
+        interface=rt.name,
+        direction="in",
+        protocol=rt.config.protocol,
+        peer=peer[:100],
+        sender=(message.sender if message else "")[:200],
+        control_id=(message.control_id if message else "")[:100],
+        message_type=(message.message_type if message else "")[:40],
+        payload=raw,
+        sha256=digest,
+        size=len(raw),
+        received_at=now,
+        status=MessageStatus.RECEIVED,
+    )
+    original = _find_duplicate(session, rt, row, now) if message is not None else None
+    if original is not None:
+        row.status = MessageStatus.DUPLICATE
+        row.duplicate_of_fk = original.id
+        row.ack_code = original.ack_code
+        session.add(row)
+        session.flush()
+        log.info("message.duplicate", interface=rt.name, message_id=row.id,
+                 duplicate_of=original.id, control_id=row.control_id)
+        return IngestResult(
+            row.id, row.status, "duplicate", control_id=row.control_id,
+            original_ack_code=original.ack_code, kind=message.kind if message else "",
+        )
+    if message is not None:
+        for specimen_id in dict.fromkeys(message.specimen_ids):
+            if specimen_id:
+                row.specimens.append(MessageSpecimen(specimen_id=specimen_id[:64]))
+    session.add(row)
+    session.flush()
+    if message is None:
+        row.status = MessageStatus.REJECTED
+        row.hold_reason = DECODE_ERROR
+        row.hold_detail = decode_error[:2000]
+        log.warning("message.rejected", interface=rt.name, message_id=row.id,
+                    reason=DECODE_ERROR, detail=decode_error[:300])
+        return IngestResult(row.id, row.status, "rejected", DECODE_ERROR, decode_error)
+    if message.kind == MessageKind.ACK:
+        row.status = MessageStatus.IGNORED
+        return IngestResult(row.id, row.status, "ack", kind=message.kind,
+                            control_id=message.control_id)
+    if not apply_now:
+        return IngestResult(row.id, row.status, "accepted", kind=message.kind,
+                            control_id=message.control_id, specimen_ids=message.specimen_ids)
+    return apply_stored(session, rt, row, message, now=now)
+
+
+def _find_duplicate(
+    session: Session, rt: InterfaceRuntime, row: RawMessage, now: datetime
+) -> RawMessage | None:
+    since = now - DUPLICATE_WINDOW
+    base = select(RawMessage).where(
+        RawMessage.interface == rt.name,
+        RawMessage.direction == "in",
+        RawMessage.status != MessageStatus.DUPLICATE,
+        RawMessage.received_at >= since,
+    )
+    # HL7 MSH-10 identifies a message; ASTM H-3 is rarely set and H-14 is only a timestamp,
+    # so on ASTM only identical bytes count as the same message.
+    if row.protocol == "hl7" and row.control_id:
+        found = session.scalar(
+            base.where(RawMessage.sender == row.sender, RawMessage.control_id == row.control_id)
+            .order_by(RawMessage.id)
+            .limit(1)
+        )
+        if found is not None:
+            return found
+    same_bytes = base.where(RawMessage.sha256 == row.sha256).order_by(RawMessage.id).limit(1)
+    return session.scalar(same_bytes)
+
+
+def apply_stored(
+    session: Session,
+    rt: InterfaceRuntime,
+    row: RawMessage,
+    message: AnalyzerMessage,
+    *,
+    now: datetime | None = None,
+) -> IngestResult:
+    """Apply a stored message; on any hold, nothing of it is written (a savepoint)."""
+    now = now or _utcnow()
+    row.attempts += 1
+    result = IngestResult(row.id, row.status, "accepted", kind=message.kind,
+                          control_id=message.control_id, specimen_ids=message.specimen_ids)
+    if message.kind == MessageKind.QUERY:
+        result.outgoing = answer_query(session, rt, message)
+        row.status = MessageStatus.ANSWERED
+        row.applied_at = now
+        result.status = row.status
+        return result
+    if message.kind != MessageKind.RESULTS:
+        # keep-alive, QC, order acknowledgements: stored, nothing to apply (PROTOCOLS 44)
+        row.status = MessageStatus.IGNORED
+        result.status = row.status
+        return result
+    try:
+        with session.begin_nested():
+            applied = _apply_results(session, rt, row, message, now)
+    except _Hold as hold:
+        row.status = MessageStatus.HELD
+        row.hold_reason = hold.reason
+        row.hold_detail = hold.detail[:2000]
+        result.status, result.outcome = row.status, "held"
+        result.hold_reason, result.hold_detail = hold.reason, hold.detail
+        log.warning("message.held", interface=rt.name, message_id=row.id, reason=hold.reason,
+                    control_id=message.control_id)
+        return result
+    row.status = MessageStatus.APPLIED
+    row.hold_reason = ""
+    row.hold_detail = ""
+    row.applied_at = now
+    result.status = row.status
+    log.info("message.applied", interface=rt.name, message_id=row.id, results=applied,
+             control_id=message.control_id)
+    return result
+
+
+def _apply_results(
+    session: Session, rt: InterfaceRuntime, row: RawMessage, message: AnalyzerMessage,
+    now: datetime,
+) -> int:
+    from lis_bridge.results import apply_results
+
+    if rt.mapping is None:
+        raise _Hold(NO_MAPPING, f"interface {rt.name} has no mapping file; add `mapping:` to "
+                    "its configuration, then run `labrelay messages reprocess`")
+    applied = 0
+    specimens = [s for s in message.specimens if not s.is_qc]
+    if not specimens:
+        raise _Hold("NO_SPECIMEN", "the message names no specimen id; check the analyzer's "
+                    "barcode reader and the driver's specimen id fields")
+    for specimen in specimens:
+        if not specimen.specimen_id:
+            raise _Hold("NO_SPECIMEN", "a result group has no specimen id; check the barcode "
+                        "and the driver's specimen id fields")
+        blocker = session.scalar(
+            select(RawMessage.id)
+            .join(MessageSpecimen, MessageSpecimen.message_fk == RawMessage.id)
+            .where(
+                MessageSpecimen.specimen_id == specimen.specimen_id,
+                RawMessage.status == MessageStatus.HELD,
+                RawMessage.id < row.id,
+            )
+            .order_by(RawMessage.id)
+            .limit(1)
+        )
+        if blocker is not None:
+            raise _Hold(BEHIND_HELD, f"specimen {specimen.specimen_id} has an earlier held "
+                        f"message #{blocker}; it is applied after that one is resolved "
+                        "(`labrelay messages reprocess`)")
+        sex, age = _patient_hints(session, specimen.specimen_id, now)
+        mapped = rt.mapping.map_specimen(specimen, sex=sex, age_years=age)
+        if mapped.unmapped:
+            codes = ", ".join(dict.fromkeys(u.code for u in mapped.unmapped))
+            reasons = "; ".join(f"{u.code}: {u.reason}" for u in mapped.unmapped[:5])
+            raise _Hold(UNMAPPED_CODE, f"unmapped analyzer codes: {codes}; {reasons}; add them to "
+                        f"{_mapping_name(rt)} (`labrelay mapping set`), then `labrelay messages "
+                        "reprocess`")
+        if not mapped.results:
+            continue
+        outcome = apply_results(
+            session,
+            specimen.specimen_id,
+            mapped.results,
+            interface=rt.name,
+            message_id=row.id,
+            auto_receive=rt.config.auto_receive,
+            accept_unordered=rt.config.accept_unordered,
+            now=now,
+        )
+        if outcome.held:
+            raise _Hold(outcome.reason, outcome.detail)
+        applied += outcome.applied
+    return applied
+
+
+def _mapping_name(rt: InterfaceRuntime) -> str:
+    path = rt.config.mapping
+    return str(path) if path else "the interface's mapping"
+
+
+def _patient_hints(session: Session, specimen_id: str, now: datetime) -> tuple[str, float | None]:
+    found = session.execute(
+        select(Patient.sex, Patient.birth_date)
+        .join(Sample, Sample.patient_fk == Patient.id)
+        .where(Sample.specimen_id == specimen_id)
+    ).first()
+    if found is None:
+        return "U", None
+    sex, birth = found
+    age = (now.date() - birth).days / 365.25 if birth else None
+    return sex or "U", age
+
+
+def answer_query(session: Session, rt: InterfaceRuntime, message: AnalyzerMessage) -> list[bytes]:
+    """Worklists for a host query (ASTM Q records), in analyzer vocabulary (PROTOCOLS 71-73)."""
+    if rt.config.protocol != "astm":
+        return []
+    from drivers.astm.generic import OrderRequest, build_query_answer
+    from lis_bridge.queries import ordered_test_codes
+
+    orders: list[OrderRequest] = []
+    component = int(rt.config.driver_options.get("order_test_code_component", 4))
+    for query in message.queries:
+        for specimen_id in query.specimen_ids:
+            codes = ordered_test_codes(session, specimen_id)
+            analyzer_codes = (
+                rt.mapping.analyzer_codes_for(codes) if codes and rt.mapping is not None else []
+            )
+            log.info("astm.query.answered", interface=rt.name, sample_id=specimen_id,
+                     tests=len(analyzer_codes))
+            if analyzer_codes:
+                orders.append(OrderRequest(specimen_id=specimen_id,
+                                           test_codes=tuple(analyzer_codes),
+                                           test_code_component=component))
+    # One answer per query message; `L|1|I` when there is nothing to do (PROTOCOLS 73).
+    stamp = _utcnow().strftime("%Y%m%d%H%M%S")
+    return [build_query_answer(orders, analyzer_id=message.sender, timestamp=stamp,
+                               encoding=rt.config.encoding or "latin-1")]
+
+
+def reprocess(
+    session: Session, rt: InterfaceRuntime, message_id: int, *, now: datetime | None = None
+) -> IngestResult:
+    """Apply a HELD (or RECEIVED) message again, e.g. after the mapping or the LIS was fixed."""
+    row = session.get(RawMessage, message_id)
+    if row is None:
+        raise LabrelayError(f"message #{message_id} does not exist")
+    if row.status not in (MessageStatus.HELD, MessageStatus.RECEIVED):
+        raise LabrelayError(f"message #{message_id} is {row.status}, only HELD or RECEIVED "
+                            "messages can be reprocessed")
+    message = rt.driver.decode(row.payload)
+    return apply_stored(session, rt, row, message, now=now)
+
+
+# ------------------------------------------------------------------ handlers (reactor thread)
+
+
+@dataclass
+class PipelineStats:
+    received: int = 0
+    applied: int = 0
+    held: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    storage_failures: int = 0
+    last_latency_ms: float = 0.0
+
+
+class Pipeline:
+    """Joins the adapters to the writer; one per engine."""
+
+    def __init__(
+        self,
+        writer: DatabaseWriter,
+        interfaces: dict[str, InterfaceRuntime],
+        *,
+        node_name: str = "labrelay",
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.writer = writer
+        self.interfaces = interfaces
+        self.node_name = node_name
+        self.clock = clock
+        self.stats: dict[str, PipelineStats] = {name: PipelineStats() for name in interfaces}
+
+    def submit(self, interface: str, raw: bytes, peer: str) -> Deferred[IngestResult]:
+        rt = self.interfaces[interface]
+        apply_now = rt.config.ack_policy == "after_apply"
+        started = time.perf_counter()
+        stats = self.stats[interface]
+        stats.received += 1
+        d = self.writer.submit(lambda s: ingest(s, rt, raw, peer, apply_now=apply_now))
+
+        def done(result: IngestResult) -> IngestResult:
+            stats.last_latency_ms = (time.perf_counter() - started) * 1000
+            if result.outcome == "held":
+                stats.held += 1
+            elif result.outcome == "rejected":
+                stats.rejected += 1
+            elif result.outcome == "duplicate":
+                stats.duplicates += 1
+            elif result.status == MessageStatus.APPLIED:
+                stats.applied += 1
+            if not apply_now and result.status == MessageStatus.RECEIVED:
+                self._apply_later(rt, result.message_id)
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            stats.storage_failures += 1
+            log.error("message.not_stored", interface=interface, peer=peer,
+                      error=failure.getErrorMessage()[:300])
+            return failure
+
+        d.addCallbacks(done, failed)
+        return d
+
+    def _apply_later(self, rt: InterfaceRuntime, message_id: int) -> None:
+        d = self.writer.submit(lambda s: reprocess(s, rt, message_id))
+        d.addErrback(lambda f: log.error("message.apply.failed", interface=rt.name,
+                                         message_id=message_id, error=f.getErrorMessage()[:300]))
+
+    def ack_control_id(self, message_id: int | None) -> str:
+        suffix = str(message_id) if message_id is not None else str(int(time.time() * 1000))
+        return f"LR{suffix}"
+
+
+class HL7Handler:
+    """MLLP adapter callback: store, apply per policy, answer with the HL7 ACK."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def message_received(self, raw: bytes, peer: str, interface: str) -> Deferred[Any]:
+        d: Deferred[Any] = self.pipeline.submit(interface, raw, peer)
+        d.addCallbacks(
+            lambda result: self._ack(raw, interface, result),
+            lambda failure: self._storage_failed(raw, interface, failure),
+        )
+        return d
+
+    def _ack(self, raw: bytes, interface: str, result: IngestResult) -> bytes | list[bytes] | None:
+        from drivers.hl7.ack import AckError, Outcome, ack_plan, build_ack, build_reject_ack
+        from drivers.hl7.parser import HL7ParseError, parse_message
+
+        if result.outcome == "ack":
+            return None  # PROTOCOLS 89: never acknowledge an ACK
+        now = self.pipeline.clock()
+        control_id = self.pipeline.ack_control_id(result.message_id)
+        rt = self.pipeline.interfaces[interface]
+        try:
+            parsed = parse_message(raw, encoding=rt.config.encoding)
+        except HL7ParseError:
+            return build_reject_ack(
+                raw, control_id, now,
+                text=f"message could not be read ({result.hold_detail[:150]}); kept as "
+                     f"message #{result.message_id}",
+            )
+        msh15, msh16 = parsed.msh.field(15), parsed.msh.field(16)
+        errors: list[AckError] = []
+        text = ""
+        if result.outcome == "duplicate":
+            outcome = {"AE": Outcome.APPLICATION_ERROR, "AR": Outcome.REJECTED}.get(
+                result.original_ack_code, Outcome.ACCEPTED)
+            text = "duplicate of an earlier message; not applied again"
+        elif result.outcome == "held":
+            outcome = Outcome.APPLICATION_ERROR
+            if rt.config.held_ack == "AA":
+                outcome = Outcome.ACCEPTED
+            text = f"stored as message #{result.message_id} and held: {result.hold_reason}"
+            errors.append(AckError(code=_err_code(result.hold_reason), severity="E",
+                                   message=f"{result.hold_reason}: {result.hold_detail[:400]}"))
+        elif result.outcome == "rejected":
+            outcome = Outcome.REJECTED
+            text = f"message could not be decoded; kept as message #{result.message_id}"
+            errors.append(AckError(code=207, message=result.hold_detail[:400]))
+        else:
+            outcome = Outcome.ACCEPTED
+        codes = ack_plan(msh15, msh16, outcome)
+        if not codes:
+            return None
+        # Enhanced mode may ask for an accept ACK and an application ACK: both go, in order.
+        acks = [
+            build_ack(parsed, code, f"{control_id}{suffix}", now, text=text, errors=errors)
+            for code, suffix in zip(codes, ("", "A"), strict=False)
+        ]
+        if result.outcome != "duplicate":
+            self._record_ack_code(result.message_id, codes[-1])
+        return acks[0] if len(acks) == 1 else acks
+
+    def _record_ack_code(self, message_id: int, code: str) -> None:
+        def work(session: Session) -> None:
+            row = session.get(RawMessage, message_id)
+            if row is not None:
+                row.ack_code = code
+
+        self.pipeline.writer.submit(work).addErrback(lambda _f: None)
+
+    def _storage_failed(self, raw: bytes, interface: str, failure: Failure) -> bytes | None:
+        from drivers.hl7.ack import AckError, Outcome, ack_plan, build_ack, build_reject_ack
+        from drivers.hl7.parser import HL7ParseError, parse_message
+
+        failure.trap(StorageError, LabrelayError)
+        now = self.pipeline.clock()
+        control_id = self.pipeline.ack_control_id(None)
+        text = "not stored: the LIS database is unavailable; resend this message later"
+        rt = self.pipeline.interfaces[interface]
+        try:
+            parsed = parse_message(raw, encoding=rt.config.encoding)
+        except HL7ParseError:
+            return build_reject_ack(raw, control_id, now, text=text)
+        codes = ack_plan(parsed.msh.field(15), parsed.msh.field(16), Outcome.REJECTED)
+        if not codes:
+            return None
+        return build_ack(parsed, codes[0], control_id, now, text=text,
+                         errors=[AckError(code=207, message=text)])
+
+
+def _err_code(reason: str) -> int:
+    # HL7 table 0357: 204 unknown key identifier (unknown specimen), 207 application error.
+    return 204 if reason == "UNKNOWN_SPECIMEN" else 207
+
+
+class ASTMHandler:
+    """ASTM adapter callback: the completing frame is ACKed once this Deferred fires."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def message_received(self, text: bytes, peer: str, interface: str) -> Deferred[list[bytes]]:
+        d: Deferred[Any] = self.pipeline.submit(interface, text, peer)
+
+        def replies(result: IngestResult) -> list[bytes]:
+            if result.outgoing:
+                self._store_outgoing(interface, peer, result.outgoing)
+            return result.outgoing
+
+        d.addCallback(replies)
+        return d
+
+    def _store_outgoing(self, interface: str, peer: str, messages: list[bytes]) -> None:
+        def work(session: Session) -> None:
+            for payload in messages:
+                session.add(RawMessage(
+                    interface=interface, direction="out", protocol="astm", peer=peer[:100],
+                    payload=payload, sha256=hashlib.sha256(payload).hexdigest(),
+                    size=len(payload), status=MessageStatus.SENT,
+                ))
+
+        self.pipeline.writer.submit(work).addErrback(
+            lambda f: log.error("astm.outgoing.not_stored", interface=interface,
+                                error=f.getErrorMessage()[:200]))
+
+
+def load_runtime(config: InterfaceConfig) -> InterfaceRuntime:
+    """Driver and mapping for one interface (raises ConfigError / MappingError)."""
+    from drivers.registry import create_driver
+
+    options = dict(config.driver_options)
+    if config.encoding and "encoding" not in options:
+        options["encoding"] = config.encoding
+    driver = create_driver(config.driver, config.protocol, options)
+    mapping = None
+    if config.mapping is not None:
+        from engine.mapping import load_mapping
+
+        mapping = load_mapping(Path(config.mapping))
+    return InterfaceRuntime(config=config, driver=driver, mapping=mapping)

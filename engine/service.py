@@ -1,0 +1,289 @@
+"""The engine as a Twisted service: interfaces, the writer, the outbox runner, admin HTTP.
+
+`labrelay run` builds one :class:`EngineService`, starts it under the reactor and stops it
+on SIGINT/SIGTERM: listeners close first, then the writer finishes what is queued, so
+nothing acknowledged is half-written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+
+from engine.config import EngineConfig, InterfaceConfig
+from engine.errors import LabrelayError
+from engine.pipeline import (
+    ASTMHandler,
+    HL7Handler,
+    InterfaceRuntime,
+    Pipeline,
+    load_runtime,
+    reprocess,
+)
+from engine.writer import DatabaseWriter
+from lis_bridge.db import ensure_current, make_engine, session_factory, upgrade
+from lis_bridge.models import MessageStatus, RawMessage
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class InterfaceState:
+    name: str
+    protocol: str
+    transport: str
+    status: str = "starting"  # starting | up | failed | stopped
+    reason: str = ""
+    address: str = ""
+
+
+class EngineService(MultiService):
+    def __init__(self, config: EngineConfig, database_url: str, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.config = config
+        self.database_url = database_url
+        self.reactor = reactor
+        self.interface_states: dict[str, InterfaceState] = {}
+        self.runtimes: dict[str, InterfaceRuntime] = {}
+        self.ports: list[Any] = []
+        self.closers: list[Any] = []
+        self.factories: dict[str, Any] = {}
+        self.engine: Any = None
+        self.writer: DatabaseWriter | None = None
+        self.pipeline: Pipeline | None = None
+        self.ready: Deferred[None] = Deferred()
+
+    # ------------------------------------------------------------------ start
+
+    def startService(self) -> None:
+        self.engine = make_engine(self.database_url)
+        url = self.engine.url.render_as_string(hide_password=True)
+        if self.engine.dialect.name == "sqlite":
+            upgrade(self.engine)  # the embedded default creates itself on first run
+        else:
+            ensure_current(self.engine)
+        sessions = session_factory(self.engine)
+        self.writer = DatabaseWriter(sessions, self.reactor)
+        self.writer.start()
+        log.info("engine.database.open", database=url)
+        for iface in self.config.interfaces:
+            state = InterfaceState(iface.name, iface.protocol, iface.transport_summary)
+            self.interface_states[iface.name] = state
+            if not iface.enabled:
+                state.status = "disabled"
+                log.info("interface.disabled", interface=iface.name)
+                continue
+            try:
+                self.runtimes[iface.name] = load_runtime(iface)
+            except LabrelayError as exc:
+                self._failed(state, str(exc))
+        self.pipeline = Pipeline(self.writer, self.runtimes, node_name=self.config.node_name)
+        starts = [self._start_interface(self.runtimes[name].config) for name in self.runtimes]
+        self._resume_unapplied()
+        self._start_outbox()
+        self._start_admin()
+        super().startService()
+        dl = defer.DeferredList(starts, consumeErrors=True)
+        dl.addCallback(lambda _r: self._log_ready())
+
+    def _log_ready(self) -> None:
+        up = [s.name for s in self.interface_states.values() if s.status == "up"]
+        failed = [s.name for s in self.interface_states.values() if s.status == "failed"]
+        log.info("engine.started", interfaces_up=len(up), interfaces_failed=len(failed),
+                 failed=failed)
+        self.ready.callback(None)
+
+    def _failed(self, state: InterfaceState, reason: str) -> None:
+        state.status = "failed"
+        state.reason = reason
+        log.error("interface.failed", interface=state.name, transport=state.transport,
+                  reason=reason)
+
+    def _start_interface(self, iface: InterfaceConfig) -> Deferred[Any]:
+        state = self.interface_states[iface.name]
+        assert self.pipeline is not None
+        try:
+            if iface.protocol == "hl7":
+                d = self._start_hl7(iface)
+            else:
+                d = self._start_astm(iface)
+        except (LabrelayError, OSError, ValueError) as exc:
+            self._failed(state, str(exc))
+            return defer.succeed(None)
+
+        def up(port: Any) -> None:
+            state.status = "up"
+            if IListeningPort.providedBy(port):
+                self.ports.append(port)
+                host = port.getHost()
+                state.address = f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"
+            log.info("interface.started", interface=iface.name, protocol=iface.protocol,
+                     transport=iface.transport_summary, address=state.address)
+
+        def failed(failure: Any) -> None:
+            self._failed(state, failure.getErrorMessage())
+
+        d.addCallbacks(up, failed)
+        return d
+
+    def _start_hl7(self, iface: InterfaceConfig) -> Deferred[Any]:
+        from twisted.internet.endpoints import serverFromString
+
+        from engine.adapters.mllp import MLLPServerFactory
+
+        assert self.pipeline is not None
+        if not iface.listen:
+            raise LabrelayError("HL7 interfaces listen for analyzers: set transport.listen")
+        factory = MLLPServerFactory(
+            HL7Handler(self.pipeline),
+            iface.name,
+            max_message_size=iface.max_message_bytes,
+            idle_timeout=iface.idle_timeout,
+            max_connections=iface.max_connections,
+            allowlist=iface.allowlist or None,
+            mllp_release=iface.mllp_release,
+            clock=self.reactor,
+        )
+        self.factories[iface.name] = factory
+        return serverFromString(self.reactor, iface.listen).listen(factory)
+
+    def _start_astm(self, iface: InterfaceConfig) -> Deferred[Any]:
+        from engine.adapters.astm import start_astm_interface
+
+        assert self.pipeline is not None
+        d, closer, factory = start_astm_interface(
+            self.reactor, iface, ASTMHandler(self.pipeline)
+        )
+        if closer is not None:
+            self.closers.append(closer)
+        self.factories[iface.name] = factory
+        return d
+
+    def _resume_unapplied(self) -> None:
+        """Messages stored but not applied when the last run stopped (after_commit policy)."""
+        assert self.writer is not None
+        runtimes = self.runtimes
+
+        def work(session: Any) -> int:
+            rows = session.scalars(
+                select(RawMessage).where(RawMessage.status == MessageStatus.RECEIVED,
+                                         RawMessage.direction == "in")
+                .order_by(RawMessage.id).limit(10_000)
+            ).all()
+            count = 0
+            for row in rows:
+                rt = runtimes.get(row.interface)
+                if rt is not None:
+                    reprocess(session, rt, row.id)
+                    count += 1
+            return count
+
+        def done(count: int) -> None:
+            if count:
+                log.info("engine.resumed", messages=count)
+
+        self.writer.submit(work).addCallbacks(
+            done, lambda f: log.error("engine.resume.failed", error=f.getErrorMessage()[:300]))
+
+    def _start_outbox(self) -> None:
+        try:
+            from engine.outbox_runner import build_outbox_runner
+        except ImportError:
+            return
+        runner = build_outbox_runner(self.config, self.database_url, self.reactor)
+        if runner is not None:
+            runner.setServiceParent(self)
+
+    def _start_admin(self) -> None:
+        if not self.config.admin.listen:
+            return
+        from twisted.internet.endpoints import serverFromString
+        from twisted.web.server import Site
+
+        from engine.admin import AdminResource
+
+        site = Site(AdminResource(self))
+        d = serverFromString(self.reactor, self.config.admin.listen).listen(site)
+
+        def up(port: Any) -> None:
+            self.ports.append(port)
+            host = port.getHost()
+            log.info("admin.started", address=f"{getattr(host, 'host', '')}:"
+                     f"{getattr(host, 'port', '')}")
+
+        d.addCallbacks(up, lambda f: log.error("admin.failed", reason=f.getErrorMessage()))
+
+    # ------------------------------------------------------------------ stop
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        log.info("engine.stopping")
+        for port in self.ports:
+            yield defer.maybeDeferred(port.stopListening)
+        for closer in self.closers:
+            yield defer.maybeDeferred(closer)
+        for factory in self.factories.values():
+            for conn in list(getattr(factory, "connections", ())):
+                transport = getattr(conn, "transport", None)
+                if transport is not None:
+                    transport.loseConnection()
+        yield defer.maybeDeferred(super().stopService)
+        if self.writer is not None:
+            # Let the reactor deliver the last callbacks, then drain the queue.
+            from twisted.internet import threads
+
+            yield threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), self.writer.stop
+            )
+        if self.engine is not None:
+            self.engine.dispose()
+        for state in self.interface_states.values():
+            if state.status == "up":
+                state.status = "stopped"
+        log.info("engine.stopped")
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        writer = self.writer
+        pipeline = self.pipeline
+        interfaces = []
+        for state in self.interface_states.values():
+            stats = pipeline.stats.get(state.name) if pipeline else None
+            factory = self.factories.get(state.name)
+            interfaces.append({
+                "name": state.name,
+                "protocol": state.protocol,
+                "transport": state.transport,
+                "status": state.status,
+                "reason": state.reason,
+                "address": state.address,
+                "connections": len(getattr(factory, "connections", ()) or ()),
+                "received": stats.received if stats else 0,
+                "applied": stats.applied if stats else 0,
+                "held": stats.held if stats else 0,
+                "rejected": stats.rejected if stats else 0,
+                "duplicates": stats.duplicates if stats else 0,
+                "storage_failures": stats.storage_failures if stats else 0,
+            })
+        return {
+            "node": self.config.node_name,
+            "interfaces": interfaces,
+            "writer": {
+                "backlog": writer.backlog if writer else 0,
+                "batches": writer.stats.batches if writer else 0,
+                "units": writer.stats.units if writer else 0,
+                "storage_errors": writer.stats.storage_errors if writer else 0,
+            },
+        }

@@ -1,0 +1,203 @@
+"""One database writer thread fed by a queue, with adaptive group commit.
+
+Measured on a 2-core machine (DESIGN.md): a commit per message gives ~2,700 msg/s of raw
+storage, an adaptive group commit ~4,100 (write at once when idle, gather what arrived
+while the last commit ran), a fixed wait window is slower because instruments wait for
+each ACK. So: no timer, no window; the thread takes everything queued, runs it in one
+transaction and commits once. One thread hop costs ~60 µs, so one writer fed by a queue
+beats a hop per message.
+
+Each unit of work is a callable ``work(session) -> T``. If one unit raises, the batch is
+rolled back and its units are re-run one per transaction, so one bad message never sinks
+its neighbours. If the database itself fails, every unit of the batch fails with
+:class:`StorageError` and the caller sends no positive acknowledgement.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import structlog
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+
+from engine.errors import StorageError
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+MAX_BATCH = 256
+MAX_QUEUE = 10_000
+
+
+@dataclass
+class _Unit(Generic[T]):
+    work: Callable[[Session], T]
+    deferred: Deferred[T]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class WriterStats:
+    batches: int = 0
+    units: int = 0
+    failures: int = 0
+    storage_errors: int = 0
+    last_error: str = ""
+    largest_batch: int = 0
+
+
+class DatabaseWriter:
+    """Runs units of work on one thread, in batches, and fires Deferreds on the reactor."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        reactor: IReactorFromThreads,
+        *,
+        max_batch: int = MAX_BATCH,
+        max_queue: int = MAX_QUEUE,
+        name: str = "labrelay-db-writer",
+    ) -> None:
+        self._sessions = sessions
+        self._reactor = reactor
+        self._max_batch = max_batch
+        self._queue: queue.Queue[_Unit[Any] | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = False
+        self._stopping = False
+        self.stats = WriterStats()
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then stop. Blocks up to ``timeout`` seconds."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, work: Callable[[Session], T]) -> Deferred[T]:
+        """Queue ``work``; the Deferred fires on the reactor thread with its result."""
+        d: Deferred[T] = Deferred()
+        if self._stopping or not self._started:
+            d.errback(StorageError("the database writer is not running"))
+            return d
+        try:
+            self._queue.put_nowait(_Unit(work, d))
+        except queue.Full:
+            d.errback(StorageError("the database writer is overloaded; the sender should resend"))
+        return d
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch: list[_Unit[Any]] = [first]
+            stop_after = False
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop_after = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            if stop_after:
+                return
+
+    def _run_batch(self, batch: list[_Unit[Any]]) -> None:
+        self.stats.batches += 1
+        self.stats.units += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        session = self._sessions()
+        results: list[Any] = []
+        failed_unit = False
+        try:
+            for unit in batch:
+                try:
+                    results.append(unit.work(session))
+                except (OperationalError, DBAPIError) as exc:
+                    if _is_storage_failure(exc):
+                        raise
+                    failed_unit = True
+                    break
+                except Exception:  # noqa: BLE001 - isolate the unit below, one per transaction
+                    failed_unit = True
+                    break
+            if failed_unit:
+                session.rollback()
+            else:
+                session.commit()
+        except SQLAlchemyError as exc:
+            session.rollback()
+            session.close()
+            self._fail_all(batch, exc)
+            return
+        finally:
+            session.close()
+        if failed_unit:
+            for unit in batch:
+                self._run_alone(unit)
+            return
+        for unit, result in zip(batch, results, strict=True):
+            self._reactor.callFromThread(unit.deferred.callback, result)
+
+    def _run_alone(self, unit: _Unit[Any]) -> None:
+        session = self._sessions()
+        try:
+            result = unit.work(session)
+            session.commit()
+        except SQLAlchemyError as exc:
+            session.rollback()
+            self.stats.storage_errors += 1
+            self.stats.last_error = type(exc).__name__
+            log.error("db.write.failed", error=type(exc).__name__, detail=str(exc)[:300])
+            self._reactor.callFromThread(unit.deferred.errback, StorageError(_describe(exc)))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller's errback, never lost
+            session.rollback()
+            self.stats.failures += 1
+            self.stats.last_error = type(exc).__name__
+            self._reactor.callFromThread(unit.deferred.errback, exc)
+        else:
+            self._reactor.callFromThread(unit.deferred.callback, result)
+        finally:
+            session.close()
+
+    def _fail_all(self, batch: list[_Unit[Any]], exc: Exception) -> None:
+        self.stats.storage_errors += 1
+        self.stats.last_error = type(exc).__name__
+        log.error("db.commit.failed", error=type(exc).__name__, units=len(batch),
+                  detail=str(exc)[:300])
+        error = StorageError(_describe(exc))
+        for unit in batch:
+            self._reactor.callFromThread(unit.deferred.errback, error)
+
+
+def _is_storage_failure(exc: DBAPIError) -> bool:
+    return bool(exc.connection_invalidated) or isinstance(exc, OperationalError)
+
+
+def _describe(exc: Exception) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"the database did not store the message ({first[:200]}); nothing was acknowledged"
