@@ -56,7 +56,10 @@ def create_driver(name: str, protocol: str, options: dict[str, Any] | None = Non
         known = ", ".join(sorted(drivers))
         raise ConfigError(f"unknown driver {name!r}; installed drivers: {known}")
     cls = _load(drivers[name])
-    driver: Driver = cls(options)
+    try:
+        driver: Driver = cls(options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"driver {name!r}: {exc}") from exc
     if driver.protocol != protocol:
         raise ConfigError(
             f"driver {name!r} speaks {driver.protocol}, but the interface is {protocol}"

@@ -86,6 +86,11 @@ def read_astm_file(data: bytes) -> ASTMCapture:
     if STX in data:
         return _read_framed(data)
     text = data.lstrip(b"\x05 \t\r\n").rstrip(b"\x04")
+    notes: list[str] = []
+    if text[:1].isdigit() and is_header_line(text[1:8]):
+        # corpus:mindray_bs_series__1: a frame number left in front of the H record only
+        text = text[1:]
+        notes.append("a frame number stood before the H record without framing; dropped")
     lines = split_record_lines(text)
     if not lines or not is_header_line(lines[0]):
         return ASTMCapture(
@@ -97,12 +102,15 @@ def read_astm_file(data: bytes) -> ASTMCapture:
         )
     # (d) plain records: normalise separators to CR and frame each message anew
     messages = tuple(split_messages(b"\r".join(lines)))
-    sessions = tuple(tuple(wire_frames(m)) for m in messages)
+    frames: list[bytes] = []
+    for message in messages:
+        # PROTOCOLS 18: FN continues across the messages of one transfer phase
+        frames += wire_frames(message, first_fn=(len(frames) + 1) % 8)
     return ASTMCapture(
         style="records",
-        sessions=(tuple(f for s in sessions for f in s),),
+        sessions=(tuple(frames),),
         messages=messages,
-        notes=("plain records: frames built by the reader (240 characters, FN from 1)",),
+        notes=(*notes, "plain records: frames built by the reader (240 characters, FN from 1)"),
     )
 
 
@@ -178,4 +186,6 @@ def _read_framed(data: bytes) -> ASTMCapture:
 
 
 def _not_astm(reason: str) -> ASTMCapture:
+    if "E1381" not in reason:
+        reason += " (not E1381 framing; PROTOCOLS 43: route it to a vendor adapter)"
     return ASTMCapture(style="not-astm", not_astm_reason=reason)

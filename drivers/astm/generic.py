@@ -13,9 +13,10 @@ Decisions (each can be overridden per interface through ``options``):
   the sample id in the patient record (corpus:euroimmun_analyzer_i__1).
 * **test code** (``test_code_component``): an integer, or ``"auto"`` (default):
   component 4 of the universal test id (PROTOCOLS 68) unless it is Mindray's one-letter
-  result type (``1^CA125^^F``), else component 5 (Sysmex ``^^^^WBC``), else component 1, except that a purely numeric component 1 followed by
-  a name in component 2 is a channel number and the name is used (Mindray ``1^ALT``,
-  cobas u 411 ``1^SG``). The code is kept as sent (Roche ``685/``) so mappings name it.
+  result type (``1^CA125^^F``), else component 5 (Sysmex ``^^^^WBC``), else
+  component 1, except that a purely numeric component 1 followed by a name in
+  component 2 is a channel number and the name is used (Mindray ``1^ALT``, cobas u 411
+  ``1^SG``). The code is kept as sent (Roche ``685/``) so mappings name it.
   ``Observation.sub_id`` carries the whole universal test id as sent, so a mapping can
   tell ARCHITECT F/I/P rows apart.
 * **value**: ``value_text`` is component 1 of R-4 (``98.189848^^^^`` -> ``98.189848``;

@@ -32,6 +32,7 @@ from drivers.hl7.parser import (
     Segment,
     parse_hl7_datetime,
     parse_message,
+    unescape,
 )
 from drivers.model import (
     AnalyzerMessage,
@@ -297,13 +298,7 @@ class GenericHL7Driver:
             code, sub_id = obx4, ""
         if not code:
             warnings.append(f"OBX at segment {obx.index + 1} has no observation code")
-        flags = tuple(
-            f
-            for f in (
-                _clean(obx.component(8, 1, rep=i + 1)) for i in range(len(obx.repetitions(8)))
-            )
-            if f
-        )
+        flags = _flags(obx)
         # OBX-14 observation time; v2.5 LAW senders often leave it empty and fill OBX-19
         # (date/time of the analysis) instead (PROTOCOLS 99, corpus roche_cobas_pure__2).
         when = obx.component(14, 1) or obx.component(19, 1)
@@ -374,6 +369,20 @@ def _is_qc_specimen(spm: Segment) -> bool:
     return bool(_QC_SPECIMEN_TYPE.match(spm.component(4, 1).strip()))
 
 
+def _flags(obx: Segment) -> tuple[str, ...]:
+    """OBX-8 repetitions, component 1 of each, HL7 nulls dropped (PROTOCOLS 94)."""
+    raw = obx.raw(8)
+    if not raw:
+        return ()
+    seps = obx.seps
+    flags = []
+    for rep in raw.split(seps.repetition):
+        flag = _clean(rep.split(seps.component, 1)[0])
+        if flag:
+            flags.append(unescape(flag, seps) if seps.escape in flag else flag)
+    return tuple(flags)
+
+
 def _first_sub(value: str, sub: str) -> str:
     if sub not in value:
         return value
@@ -398,8 +407,6 @@ def _value_text(obx: Segment) -> str:
 
 
 def _unescape_parts(parts: list[str], seg: Segment) -> list[str]:
-    from drivers.hl7.parser import unescape
-
     esc = seg.seps.escape
     return [unescape(p, seg.seps) if esc in p else p for p in parts]
 

@@ -503,6 +503,16 @@ def parse_message(
                 f"({stripped[:12]!r}...); it was ignored"
             )
             continue
+        if name == "MSH":
+            # Two messages in one block would mix one message's results into the other's
+            # specimen and ACK only the first: refuse rather than guess.
+            raise HL7ParseError(
+                "a second MSH segment was found: the block holds more than one message. The "
+                "sender must send one message per MLLP block (a file is split with "
+                "split_messages)",
+                segment_index=len(segments),
+                field="MSH",
+            )
         segments.append(Segment(name, fields, seps, len(segments)))
     message = HL7Message(raw, text, codec, seps, segments, warnings)
     _check_header(message)

@@ -18,7 +18,6 @@ from twisted.internet import defer, endpoints
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -62,7 +61,7 @@ class MLLPHandler(TypingProtocol):
     def message_received(self, raw: bytes, peer: str, interface: str) -> Deferred[Reply]: ...
 
 
-def _peer_text(address: IAddress) -> str:
+def _peer_text(address: Any) -> str:
     if isinstance(address, IPv4Address | IPv6Address):
         return f"{address.host}:{address.port}"
     return str(address)
@@ -205,6 +204,18 @@ class MLLPServerProtocol(Protocol):
             callbackArgs=(raw, incoming_is_ack),
             errbackArgs=(raw, incoming_is_ack),
         )
+        d.addErrback(self._internal_error)
+
+    def _internal_error(self, failure: Failure) -> None:
+        # A bug while replying must not leave the connection stalled with _busy set.
+        self.log.error(
+            "mllp.adapter.error",
+            error=failure.type.__name__ if failure.type else "unknown",
+            reason=failure.getErrorMessage(),
+        )
+        self._busy = False
+        if not self._closed:
+            self._drop()
 
     def _replied(self, reply: Reply, raw: bytes, incoming_is_ack: bool) -> None:
         if self._closed:
@@ -323,7 +334,7 @@ class MLLPServerFactory(Factory):
             return False
         return any(address in network for network in self.allowlist)
 
-    def buildProtocol(self, addr: IAddress) -> MLLPServerProtocol | None:
+    def buildProtocol(self, addr: Any) -> MLLPServerProtocol | None:
         peer = _peer_text(addr)
         host = getattr(addr, "host", "")
         if not self.peer_allowed(host):
@@ -510,7 +521,7 @@ class _ClientFactory(Factory):
     def __init__(self, proto: MLLPClientProtocol) -> None:
         self.proto = proto
 
-    def buildProtocol(self, addr: IAddress) -> MLLPClientProtocol:
+    def buildProtocol(self, addr: Any) -> MLLPClientProtocol:
         return self.proto
 
 

@@ -324,6 +324,10 @@ class ASTMLink:
     * ``strict_first_fn``: require FN 1 on the first frame of a transfer; by default
       the first frame's FN is taken as given (some instruments continue numbering
       across sessions, corpus:electra_pro_m__1).
+    * ``strict_fn``: NAK a frame whose FN is neither the last accepted one nor the next
+      (PROTOCOLS 30c). Off, any FN is accepted and a retransmission is recognised by
+      the same FN *and* the same text (corpus:horiba_yumizen_h500__1 restarts FN at
+      its large M frames).
     """
 
     def __init__(
@@ -335,6 +339,7 @@ class ASTMLink:
         *,
         strict_trailer: bool = False,
         strict_first_fn: bool = False,
+        strict_fn: bool = True,
         max_frame_size: int = MAX_FRAME_SIZE,
         max_message_size: int = 16 * 1024 * 1024,
         max_queue: int = 1000,
@@ -356,6 +361,7 @@ class ASTMLink:
         self.accept_lowercase_checksum = accept_lowercase_checksum
         self.strict_trailer = strict_trailer
         self.strict_first_fn = strict_first_fn
+        self.strict_fn = strict_fn
         self.max_frame_text = max_frame_size - 7
         self.max_message_size = max_message_size
         self.max_queue = max_queue
@@ -380,6 +386,7 @@ class ASTMLink:
         self._ftrailer_cr = False
         self._text = bytearray()  # accepted frame text not yet delivered
         self._last_fn: int | None = None
+        self._last_text = b""
         self._receive_deadline: float | None = None
         self._interrupt_requested = False
         self._pending_frame: _Frame | None = None  # the completing frame, held
@@ -411,11 +418,21 @@ class ASTMLink:
 
     def receive_data(self, data: bytes, now: float) -> None:
         """Feed bytes read from the line."""
+        sent_before = len(self._out)
         for byte in data:
             if self._state in (LinkState.RECEIVING, LinkState.COMMIT_PENDING) or (
                 self._asm is not _Assembly.OUTSIDE
             ):
                 self._assemble(byte, now)
+            elif (
+                self._state in (LinkState.WAIT_FRAME_REPLY, LinkState.WAIT_ENQ_REPLY)
+                and len(self._out) > sent_before
+            ):
+                # We answered an earlier byte of this same read with a new ENQ/frame
+                # that is not even written yet: whatever follows in this read cannot be
+                # the peer's reply to it. Taking a duplicated ACK as the answer to the
+                # next frame would let a refused frame pass as accepted.
+                continue
             else:
                 self._dispatch(self._classify(byte), now, None)
         self._maybe_start_sending(now)
@@ -444,8 +461,11 @@ class ASTMLink:
             self._on_receive_timeout(now)
         self._maybe_start_sending(now)
 
-    def send_message(self, text: bytes, now: float) -> None:
+    def send_message(self, text: bytes, now: float) -> int:
         """Queue one outgoing message (records joined by CR) for the peer.
+
+        Returns the message index that :class:`SendCompleted` / :class:`SendFailed`
+        carry.
 
         Raises :class:`LocalProtocolError` for text LIS01-A2 cannot carry (PROTOCOLS 37)
         or when the queue is full.
@@ -461,9 +481,11 @@ class ASTMLink:
                 + ", ".join(f"0x{b:02X}" for b in sorted(bad))
                 + "; escape them at record level (&Xhh&)"
             )
-        self._enqueue(_Outgoing(text=text, index=self._take_index()), now)
+        index = self._take_index()
+        self._enqueue(_Outgoing(text=text, index=index), now)
+        return index
 
-    def send_raw_frames(self, frames: list[bytes], now: float) -> None:
+    def send_raw_frames(self, frames: list[bytes], now: float) -> int:
         """Queue captured frames to be sent exactly as they are (replay, ``send astm``).
 
         Bad checksums and FNs are kept: that is the point of replaying negative
@@ -475,9 +497,9 @@ class ASTMLink:
             if not frame.startswith(b"\x02") or len(frame) > MAX_FRAME_SIZE + 2:
                 raise LocalProtocolError("send_raw_frames takes whole frames starting with STX")
         text = b"".join(frames)
-        self._enqueue(
-            _Outgoing(text=text, index=self._take_index(), raw_frames=tuple(frames)), now
-        )
+        index = self._take_index()
+        self._enqueue(_Outgoing(text=text, index=index, raw_frames=tuple(frames)), now)
+        return index
 
     def request_interrupt(self) -> None:
         """Answer the next accepted frame with EOT instead of ACK (PROTOCOLS 25-26).
@@ -548,7 +570,10 @@ class ASTMLink:
                 return
             if byte in (ETX, ETB):
                 self._fterm = byte
-                if self.lenient and self._fraw:
+                no_fn = not self._fbuf or not 0x30 <= self._fbuf[0] <= 0x37
+                if (self.lenient and self._fraw) or (no_fn and not self._foversized):
+                    # lenient raw frame, or not an E1381 frame at all (PROTOCOLS 41, 43):
+                    # judged at once, there is no checksum to wait for
                     self._finish_frame(now)
                 else:
                     self._asm = _Assembly.CHECKSUM
@@ -690,12 +715,12 @@ class ASTMLink:
             self._reply(NAK, now)
             return LinkState.RECEIVING
         if frame.fn is not None and self._last_fn is not None:
-            if frame.fn == self._last_fn:
+            if frame.fn == self._last_fn and (self.strict_fn or frame.text == self._last_text):
                 # PROTOCOLS 30: retransmission after a lost ACK: ACK, store nothing.
                 self._emit(DuplicateFrame(frame.fn))
                 self._positive_reply(now)
                 return LinkState.RECEIVING
-            if frame.fn != (self._last_fn + 1) % 8:
+            if frame.fn != (self._last_fn + 1) % 8 and self.strict_fn:
                 self._emit(FrameRejected("unexpected frame number", frame.fn))  # 30(c)
                 self._reply(NAK, now)
                 return LinkState.RECEIVING
@@ -728,6 +753,7 @@ class ASTMLink:
     def _accept(self, frame: _Frame) -> None:
         if frame.fn is not None:
             self._last_fn = frame.fn
+            self._last_text = frame.text
 
     def _positive_reply(self, now: float) -> None:
         # PROTOCOLS 25: EOT instead of ACK is a receiver interrupt.
@@ -870,8 +896,10 @@ class ASTMLink:
             return self._send_current_frame(now)
         done = self._queue.popleft()
         self._emit(SendCompleted(done.text, done.index))
-        if self._queue:
+        if self._queue and done.raw_frames is None and self._queue[0].raw_frames is None:
             # PROTOCOLS 15, 18: the next message starts a new frame, FN continues.
+            # (Captured frames carry their own FNs: each replayed session gets its own
+            # transfer phase.)
             self._load_head()
             return self._send_current_frame(now)
         return self._terminate("done")

@@ -24,7 +24,7 @@ CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "hl7
 OUL = (
     b"MSH|^~\\&|BA400|Biosystems|Host|Host provider|20230512080427||OUL^R22^OUL_R22|"
     b"71a67f85|P|2.5.1|||ER|AL||UNICODE UTF-8|||LAB-29^IHE\r"
-    b"SPM|1|S1||SER\rOBR||\"\"||GLU\rOBX|1|NM|GLU||5.1|mmol/L\r"
+    b'SPM|1|S1||SER\rOBR||""||GLU\rOBX|1|NM|GLU||5.1|mmol/L\r'
 )
 TS = "20240102030405"
 

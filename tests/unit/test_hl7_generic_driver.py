@@ -49,7 +49,7 @@ def test_oru_r01_full_observation() -> None:
         "PID|1||PAT1^^^LAB^MR",
         "ORC|RE|ORD1|SPEC1",
         "OBR|1|ORD1|SPEC1|CHEM^Chemistry^L",
-        "OBX|1|NM|GLU^Glucose^L|1|> 15.0|mmol/L^^UCUM|3.9-6.1|HH~A|||F|||20240102020000||OP|"
+        "OBX|1|NM|GLU^Glucose^L|1|> 15.0|mmol/L^^UCUM|3.9-6.1|HH~A|||F|||20240102020000||OP||"
         "MOD1^SN1~X",
         "OBX|2|ST|COM^Comment^L||line\\.br\\two \\T\\ more||||||P",
     )
@@ -192,17 +192,29 @@ def test_code_field_auto(obx: str, code: str, name: str) -> None:
 
 def test_code_field_forced() -> None:
     raw = msg(MSH_ORU, "OBR|1||S|X", "OBX|1|NM|2|TBil|100")
-    assert GenericHL7Driver({"code_field": "OBX-3"}).decode(raw).specimens[0].observations[
-        0
-    ].analyzer_code == "2"
-    assert GenericHL7Driver({"code_field": "OBX-4"}).decode(raw).specimens[0].observations[
-        0
-    ].analyzer_code == "TBil"
+    assert (
+        GenericHL7Driver({"code_field": "OBX-3"})
+        .decode(raw)
+        .specimens[0]
+        .observations[0]
+        .analyzer_code
+        == "2"
+    )
+    assert (
+        GenericHL7Driver({"code_field": "OBX-4"})
+        .decode(raw)
+        .specimens[0]
+        .observations[0]
+        .analyzer_code
+        == "TBil"
+    )
 
 
 def test_units_stripped_and_null_flags_dropped() -> None:
     # PROTOCOLS 94: "" nulls in OBX-8; padded units.
-    raw = msg(MSH_ORU, "OBR|1||S|X", 'OBX|1|NM|X||1| mg/dL ||""^""^HL70078', "OBX|2|NM|Y||2|||002~029")
+    raw = msg(
+        MSH_ORU, "OBR|1||S|X", 'OBX|1|NM|X||1| mg/dL ||""^""^HL70078', "OBX|2|NM|Y||2|||002~029"
+    )
     observations = GenericHL7Driver().decode(raw).specimens[0].observations
     assert observations[0].units == "mg/dL"
     assert observations[0].flags == ()

@@ -283,7 +283,9 @@ def test_msh_inside_a_field_is_not_a_split_point() -> None:
         ("20240102", datetime(2024, 1, 2)),
         (
             "20230513093938.752+0530",
-            datetime(2023, 5, 13, 9, 39, 38, 752000, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+            datetime(
+                2023, 5, 13, 9, 39, 38, 752000, tzinfo=timezone(timedelta(hours=5, minutes=30))
+            ),
         ),
         ("20240605131138+0000", datetime(2024, 6, 5, 13, 11, 38, tzinfo=UTC)),
         ("20241345000000", None),
@@ -293,3 +295,10 @@ def test_msh_inside_a_field_is_not_a_split_point() -> None:
 )
 def test_parse_hl7_datetime(value: str, expected: datetime | None) -> None:
     assert parse_hl7_datetime(value) == expected
+
+
+def test_two_messages_in_one_block_refused() -> None:
+    with pytest.raises(HL7ParseError) as info:
+        parse_message((ORU + ORU).encode())
+    assert info.value.segment_index == 4
+    assert "more than one message" in str(info.value)

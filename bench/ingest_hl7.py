@@ -1,0 +1,235 @@
+"""HL7 ingestion benchmark: ORU^R01 with 25 OBX, 1 and 8 connections, SQLite and PostgreSQL.
+
+Each connection sends the next message after the ACK for the previous one (as analyzers
+do). The engine runs as a separate process (`labrelay run`), storing the raw message and
+applying all 25 results to a sample that was ordered and received. The same load against
+a bare Twisted MLLP server that only stores the raw bytes gives the ceiling on this
+machine; the ratio says what decoding, mapping and applying cost.
+
+    .venv/bin/python bench/ingest_hl7.py [--messages 2000] [--postgres URL]
+
+Prints messages/s and ACK latency p50/p99 per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sqlalchemy import create_engine, insert, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from lis_bridge.db import make_engine, upgrade  # noqa: E402
+from lis_bridge.models import OrderedTest, Sample  # noqa: E402
+
+VT, FS, CR = b"\x0b", b"\x1c", b"\r"
+TESTS = [f"T{i:02d}" for i in range(1, 26)]
+DEFAULT_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/labrelay_bench"
+
+
+def oru(specimen_id: str, control_id: str) -> bytes:
+    segments = [
+        f"MSH|^~\\&|BENCH|LAB|LIS|LAB|20261125120000||ORU^R01^ORU_R01|{control_id}|P|2.5.1",
+        "PID|1||BENCHPID||Bench^Patient",
+        f"OBR|1|{specimen_id}|{specimen_id}|PANEL^Bench panel",
+    ]
+    for n, code in enumerate(TESTS, start=1):
+        segments.append(
+            f"OBX|{n}|NM|{code}^Test {code}||{4 + n / 10:.2f}|mmol/L|3.0-9.0|N|||F|||20261125115900"
+        )
+    return ("\r".join(segments) + "\r").encode()
+
+
+def mapping_yaml() -> str:
+    lines = [
+        "metadata: {analyzer: bench, protocol: hl7, version: '1'}",
+        "tests:",
+    ]
+    for code in TESTS:
+        lines += [
+            f"  {code}:",
+            f"    test: {code}",
+            "    units: {ucum: mmol/L}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def config_yaml(port: int, mapping: Path) -> str:
+    return f"""
+database: sqlite:///unused.db
+interfaces:
+  - name: bench-hl7
+    protocol: hl7
+    driver: hl7-generic
+    mapping: {mapping}
+    transport:
+      listen: tcp:{port}:interface=127.0.0.1
+    limits: {{max_connections: 64}}
+"""
+
+
+def prepare_database(url: str, count: int) -> None:
+    engine = make_engine(url)
+    upgrade(engine)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Sample),
+            [
+                {"specimen_id": f"B{i:07d}", "state": "RECEIVED_AT_LAB", "location": "bench",
+                 "state_changed_at": now, "created_at": now}
+                for i in range(count)
+            ],
+        )
+        ids = dict(conn.execute(text("SELECT specimen_id, id FROM samples")).tuples().all())
+        rows = [
+            {"sample_fk": ids[f"B{i:07d}"], "test_code": code, "status": "ORDERED",
+             "ordered_at": now}
+            for i in range(count)
+            for code in TESTS
+        ]
+        for start in range(0, len(rows), 5000):
+            conn.execute(insert(OrderedTest), rows[start : start + 5000])
+    engine.dispose()
+
+
+def fresh_postgres(base_url: str) -> str | None:
+    url = make_url(base_url)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{url.database}"'))
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
+        print(f"PostgreSQL not available ({exc}); skipping it")
+        return None
+    finally:
+        admin.dispose()
+    return url.render_as_string(hide_password=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _connection(port: int, messages: list[bytes], latencies: list[float]) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    failures = 0
+    for message in messages:
+        started = time.perf_counter()
+        writer.write(VT + message + FS + CR)
+        await writer.drain()
+        ack = await asyncio.wait_for(reader.readuntil(FS + CR), 30)
+        latencies.append(time.perf_counter() - started)
+        if b"MSA|AA" not in ack and b"MSA|CA" not in ack:
+            failures += 1
+    writer.close()
+    await writer.wait_closed()
+    return failures
+
+
+async def _load(port: int, connections: int, messages: list[bytes]) -> tuple[float, list[float], int]:
+    per = [messages[i::connections] for i in range(connections)]
+    latencies: list[float] = []
+    started = time.perf_counter()
+    failures = await asyncio.gather(*(_connection(port, chunk, latencies) for chunk in per))
+    return time.perf_counter() - started, latencies, sum(failures)
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("server exited before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start listening")
+
+
+def run_case(label: str, command: list[str], env: dict[str, str], port: int, connections: int,
+             messages: list[bytes], workdir: Path) -> float:
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(port, process)
+        elapsed, latencies, failures = asyncio.run(_load(port, connections, messages))
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    rate = len(messages) / elapsed
+    latencies.sort()
+    p50 = statistics.median(latencies) * 1000
+    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
+    print(f"{label:<44} {rate:8.0f} msg/s   ACK p50 {p50:6.1f} ms   p99 {p99:6.1f} ms"
+          f"   not-AA {failures}")
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--postgres", default=os.environ.get("LABRELAY_BENCH_POSTGRES", DEFAULT_PG))
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="labrelay-bench-"))
+    mapping = workdir / "bench.yaml"
+    mapping.write_text(mapping_yaml())
+    print(f"ORU^R01 with 25 OBX; {args.messages} messages per case; python {sys.version.split()[0]}")
+    databases = [("sqlite", f"sqlite:///{workdir / 'bench.db'}")]
+    pg = fresh_postgres(args.postgres)
+    if pg:
+        databases.append(("postgresql", pg))
+    for db_label, url in databases:
+        for connections in (1, 8):
+            for mode in ("engine", "bare"):
+                if db_label == "sqlite":
+                    url = f"sqlite:///{workdir / f'bench-{connections}-{mode}.db'}"
+                else:
+                    url = fresh_postgres(args.postgres) or url
+                prepare_database(url, args.messages)
+                tag = f"{time.time_ns()}"
+                messages = [oru(f"B{i:07d}", f"{tag}-{i}") for i in range(args.messages)]
+                port = free_port()
+                env = dict(os.environ, LABRELAY_DATABASE_URL=url, PYTHONPATH=str(REPO))
+                if mode == "engine":
+                    config = workdir / "bench-config.yaml"
+                    config.write_text(config_yaml(port, mapping))
+                    command = [sys.executable, "-m", "engine", "--log-format", "json", "run",
+                               "--config", str(config)]
+                    label = f"{db_label} engine (store+apply 25) x{connections}"
+                else:
+                    command = [sys.executable, str(REPO / "bench" / "bare_mllp_server.py"),
+                               str(port), url]
+                    label = f"{db_label} bare MLLP store-only x{connections}"
+                rates = run_case(label, command, env, port, connections, messages, workdir)
+                if mode == "engine":
+                    engine_rate = rates
+                else:
+                    print(f"{'':<44} engine / ceiling = {engine_rate / rates:.0%}")
+
+
+if __name__ == "__main__":
+    main()

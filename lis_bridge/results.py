@@ -1,0 +1,412 @@
+"""Writing analyzer results (in LIS vocabulary) for one sample, and what follows from them.
+
+Rules, in the words a laboratory uses:
+
+- Nothing is written unless everything in the call can be written: all checks run first,
+  and a held outcome leaves the database untouched (the caller stores the raw message as
+  HELD with :attr:`ApplyOutcome.reason`; this module never touches ``raw_messages``).
+- Result statuses: P (preliminary) -> ordered test PRELIMINARY; F (final) and C
+  (correction) -> FINAL; X (cannot be done) -> the result row is kept (so the report can
+  say "not done", with the analyzer's comment) and the ordered test is CANCELLED, which
+  counts as done for completion. A C without an earlier result is simply a final result.
+- History is never overwritten or deleted: a new value for a test adds a row, and the
+  previous current row gets ``is_current = False`` and ``superseded_by_fk``.
+- A resend of the current value with the same status is not a new row (idempotent): same
+  value text, number, comparator, units, flag, critical mark and status.
+- A PRELIMINARY after a FINAL for the same test is held (INVALID_TRANSITION): it would turn
+  a released value back into an unconfirmed one.
+- Once a sample is COMPLETED or REPORTED only corrections (C) change it. A different F, P
+  or X for a completed sample is held (INVALID_TRANSITION): a changed value after release
+  without the analyzer saying "correction" may be a reused or misread barcode, and an
+  operator must look. A correction on a COMPLETED sample queues a new render job; on a
+  REPORTED sample it also writes the audited REPORTED -> REPORTED amendment event and the
+  render job produces an amended report version.
+- Sample moves (actor ``interface:<name>``): RECEIVED_AT_LAB -> PROCESSING with the first
+  written result; PROCESSING -> COMPLETED when every ordered test is FINAL or CANCELLED, and
+  that enqueues ``render_report`` in the same transaction.
+- A written result marked critical enqueues a ``notify`` (critical_value) job at once,
+  whatever the sample's completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from lis_bridge import lifecycle
+from lis_bridge.models import (
+    OrderedTest,
+    OrderedTestStatus,
+    Result,
+    Sample,
+    SampleState,
+    utcnow,
+)
+from lis_bridge.outbox import enqueue
+from lis_bridge.types import ResultInput
+
+log = structlog.get_logger(__name__)
+
+# Hold reason codes (stored in raw_messages.hold_reason).
+UNKNOWN_SPECIMEN = "UNKNOWN_SPECIMEN"  # no such sample: a misprinted or misread barcode
+NOT_RECEIVED = "NOT_RECEIVED"  # sample is COLLECTED / IN_TRANSIT and auto-receive is off
+NOT_ORDERED = "NOT_ORDERED"  # a result for a test the sample does not have ordered
+INVALID_TRANSITION = "INVALID_TRANSITION"  # the sample or test cannot take this result now
+INVALID_RESULT = "INVALID_RESULT"  # the result itself cannot be stored (status, field length)
+UNMAPPED_CODE = "UNMAPPED_CODE"  # assigned by the engine: an analyzer code has no LIS mapping
+
+HOLD_REASONS = frozenset(
+    {UNKNOWN_SPECIMEN, NOT_RECEIVED, NOT_ORDERED, INVALID_TRANSITION, INVALID_RESULT,
+     UNMAPPED_CODE}
+)
+
+RESULT_STATUSES = ("P", "F", "C", "X")
+DONE_TEST_STATUSES = (OrderedTestStatus.FINAL, OrderedTestStatus.CANCELLED)
+
+# Column widths of `results` (lis_bridge.models); PostgreSQL refuses longer values, and a
+# refused INSERT would roll back the stored raw message with it, so check first.
+_FIELD_LIMITS = {
+    "test_code": 64,
+    "analyzer_code": 64,
+    "comparator": 2,
+    "units": 40,
+    "reference_range": 100,
+    "flag": 4,
+    "equipment": 100,
+}
+# Numeric(24, 8): 16 digits before the point. Larger numbers keep their text only.
+_MAX_NUMBER = Decimal(10) ** 16
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyOutcome:
+    """What became of one call: ``applied`` rows written, or held with a reason."""
+
+    applied: int = 0
+    held: bool = False
+    reason: str = ""  # one of HOLD_REASONS when held
+    detail: str = ""  # operator text: what is wrong and what to do
+    unchanged: int = 0  # resends of the current value, not written again
+    sample_state: str = ""  # the sample's state after the call ("" when unknown)
+    result_ids: tuple[int, ...] = ()  # rows written, in input order
+
+    @classmethod
+    def hold(cls, reason: str, detail: str, sample_state: str = "") -> ApplyOutcome:
+        return cls(held=True, reason=reason, detail=detail, sample_state=sample_state)
+
+
+def interface_actor(interface: str) -> str:
+    return f"interface:{interface}"[: lifecycle.MAX_ACTOR]
+
+
+def _as_utc(moment: datetime | None) -> datetime:
+    if moment is None:
+        return utcnow()
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _lock_sample(session: Session, specimen_id: str) -> Sample | None:
+    query = select(Sample).where(Sample.specimen_id == specimen_id)
+    if session.get_bind().dialect.name == "postgresql":
+        # Serialises two writers on one sample (engine and a CLI user); SQLite's
+        # BEGIN IMMEDIATE already does.
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def _current_results(session: Session, sample: Sample) -> dict[str, Result]:
+    rows = session.scalars(
+        select(Result).where(Result.sample_fk == sample.id, Result.is_current.is_(True))
+    )
+    return {row.test_code: row for row in rows}
+
+
+def _ordered(session: Session, sample: Sample) -> dict[str, OrderedTest]:
+    rows = session.scalars(select(OrderedTest).where(OrderedTest.sample_fk == sample.id))
+    return {row.test_code: row for row in rows}
+
+
+def _comments(item: ResultInput) -> str:
+    return "\n".join(c for c in item.comments if c)
+
+
+def _number(item: ResultInput) -> Decimal | None:
+    number = item.value_number
+    if number is None or not number.is_finite() or abs(number) >= _MAX_NUMBER:
+        return None
+    return number
+
+
+def _same_value(row: Result, item: ResultInput) -> bool:
+    number = _number(item)
+    stored = row.value_number
+    same_number = (stored is None and number is None) or (
+        stored is not None and number is not None and Decimal(stored) == number
+    )
+    return (
+        row.status == item.status
+        and row.value_text == item.value_text
+        and same_number
+        and row.comparator == item.comparator
+        and row.units == item.units
+        and row.flag == item.flag
+        and bool(row.is_critical) == bool(item.is_critical)
+    )
+
+
+def _check_item(item: ResultInput, specimen_id: str) -> str:
+    """Why this result cannot be stored at all, or ""."""
+    if not item.test_code.strip():
+        return (f"a result for specimen {specimen_id} has no LIS test code; check the "
+                f"mapping of analyzer code {item.analyzer_code!r}")
+    if item.status not in RESULT_STATUSES:
+        return (f"result {item.test_code} for specimen {specimen_id} has status "
+                f"{item.status!r}; expected P, F, C or X (check the driver's status field)")
+    for name, limit in _FIELD_LIMITS.items():
+        value = getattr(item, name)
+        if len(value) > limit:
+            return (f"result {item.test_code} for specimen {specimen_id}: {name} is "
+                    f"{len(value)} characters, the LIS stores at most {limit}; shorten it "
+                    "in the mapping")
+    return ""
+
+
+def apply_results(
+    session: Session,
+    specimen_id: str,
+    results: Sequence[ResultInput],
+    *,
+    interface: str,
+    message_id: int | None,
+    auto_receive: bool = False,
+    accept_unordered: bool = False,
+    now: datetime | None = None,
+) -> ApplyOutcome:
+    """Write ``results`` for ``specimen_id`` in the caller's transaction, or hold them all.
+
+    ``accept_unordered``: a result for a test the sample has not ordered is held
+    (NOT_ORDERED) by default, as a laboratory would; with True it is accepted and the test
+    is added to the sample's orders (audited in access_audit as ``test.added``).
+    """
+    when = _as_utc(now)
+    actor = interface_actor(interface)
+    bound = log.bind(interface=interface, sample_id=specimen_id, message_id=message_id)
+
+    sample = _lock_sample(session, specimen_id)
+    if sample is None:
+        return ApplyOutcome.hold(
+            UNKNOWN_SPECIMEN,
+            f"specimen {specimen_id} is not in the LIS: check the barcode on the tube and the "
+            "order import (`labrelay orders import`), then `labrelay messages reprocess`",
+        )
+    state = sample.state
+
+    # --- checks: nothing is written until every result of the call has passed them
+    for item in results:
+        problem = _check_item(item, specimen_id)
+        if problem:
+            return ApplyOutcome.hold(INVALID_RESULT, problem, state)
+
+    if state in (SampleState.COLLECTED, SampleState.IN_TRANSIT) and not auto_receive:
+        return ApplyOutcome.hold(
+            NOT_RECEIVED,
+            f"specimen {specimen_id} is {state} (location {sample.location or 'unknown'}), not "
+            "received at the lab: receive it (`labrelay samples receive "
+            f"{specimen_id} --location LAB --by USER`), then `labrelay messages reprocess`",
+            state,
+        )
+
+    ordered = _ordered(session, sample)
+    missing = [i.test_code for i in results if i.test_code not in ordered]
+    if missing and not accept_unordered:
+        codes = ", ".join(dict.fromkeys(missing))
+        return ApplyOutcome.hold(
+            NOT_ORDERED,
+            f"specimen {specimen_id} has no order for {codes} (ordered: "
+            f"{', '.join(ordered) or 'nothing'}): add the test (`labrelay orders import` "
+            "with the test) or check the sample, then `labrelay messages reprocess`",
+            state,
+        )
+
+    released = state in (SampleState.COMPLETED, SampleState.REPORTED)
+    current = _current_results(session, sample)
+    plan: list[ResultInput] = []
+    unchanged = 0
+    seen: dict[str, ResultInput] = {}
+    for item in results:
+        before = seen.get(item.test_code)
+        row = current.get(item.test_code)
+        if before is not None:
+            # The same test twice in one message: the later one is what the analyzer means,
+            # judged against the earlier one exactly as a resend would be.
+            if _same_as_input(before, item):
+                unchanged += 1
+                continue
+            prior_status = before.status
+        elif row is not None and _same_value(row, item):
+            unchanged += 1
+            continue
+        else:
+            prior_status = row.status if row is not None else ""
+        if item.status == "P" and prior_status in ("F", "C"):
+            return ApplyOutcome.hold(
+                INVALID_TRANSITION,
+                f"specimen {specimen_id}: a preliminary result for {item.test_code} arrived "
+                "after its final result; the final value stands. Check the analyzer's "
+                "rerun, and send a correction (C) if the value changed",
+                state,
+            )
+        if released and item.status != "C":
+            return ApplyOutcome.hold(
+                INVALID_TRANSITION,
+                f"specimen {specimen_id} is {state} and a different result for "
+                f"{item.test_code} arrived with status {item.status}, not as a correction "
+                "(C). Check the tube's barcode and the rerun; the analyzer must send a "
+                "changed value as a correction",
+                state,
+            )
+        seen[item.test_code] = item
+        plan.append(item)
+
+    if not plan:
+        bound.info("lis.results.unchanged", unchanged=unchanged)
+        return ApplyOutcome(unchanged=unchanged, sample_state=state)
+
+    # --- writes
+    if state in (SampleState.COLLECTED, SampleState.IN_TRANSIT):
+        lifecycle.transition(session, sample, SampleState.RECEIVED_AT_LAB, actor=actor,
+                             note="auto-received", at=when)
+        bound.warning("lis.sample.auto_received", from_state=state)
+
+    written: list[Result] = []
+    corrections: list[str] = []
+    for item in plan:
+        test = ordered.get(item.test_code)
+        if test is None:  # accept_unordered: the analyzer's extra becomes an order
+            test = OrderedTest(sample_fk=sample.id, test_code=item.test_code, ordered_at=when)
+            session.add(test)
+            ordered[item.test_code] = test
+            _audit(session, actor, "test.added", specimen_id,
+                   f"{item.test_code}: result arrived without an order (accept_unordered)", when)
+        previous = current.get(item.test_code)
+        row = Result(
+            sample_fk=sample.id,
+            test_code=item.test_code,
+            analyzer_code=item.analyzer_code,
+            value_text=item.value_text,
+            value_number=_number(item),
+            comparator=item.comparator,
+            units=item.units,
+            reference_range=item.reference_range,
+            flag=item.flag,
+            is_critical=item.is_critical,
+            status=item.status,
+            observed_at=item.observed_at,
+            equipment=item.equipment,
+            comments=_comments(item),
+            interface=interface,
+            message_fk=message_id,
+            is_current=True,
+            created_at=when,
+        )
+        session.add(row)
+        session.flush()
+        if previous is not None:
+            previous.is_current = False
+            previous.superseded_by_fk = row.id
+        current[item.test_code] = row
+        written.append(row)
+        if item.status == "C":
+            corrections.append(item.test_code)
+        test.status = {
+            "P": OrderedTestStatus.PRELIMINARY,
+            "F": OrderedTestStatus.FINAL,
+            "C": OrderedTestStatus.FINAL,
+            "X": OrderedTestStatus.CANCELLED,
+        }[item.status]
+        if item.is_critical:
+            enqueue(session, "notify", f"notify:critical_value:{row.id}", {
+                "kind": "critical_value",
+                "sample_id": sample.id,
+                "specimen_id": specimen_id,
+                "test_code": item.test_code,
+                "result_id": row.id,
+            })
+            bound.warning("lis.result.critical", test_code=item.test_code, result_id=row.id)
+    session.flush()
+
+    if sample.state == SampleState.RECEIVED_AT_LAB:
+        lifecycle.transition(session, sample, SampleState.PROCESSING, actor=actor,
+                             note="first result", at=when)
+    if sample.state == SampleState.PROCESSING:
+        complete_if_done(session, sample, actor=actor, now=when)
+    elif corrections and sample.state in (SampleState.COMPLETED, SampleState.REPORTED):
+        codes = ", ".join(corrections)
+        if sample.state == SampleState.REPORTED:
+            lifecycle.transition(session, sample, SampleState.REPORTED, actor=actor,
+                                 note=f"correction of {codes}: amended report to follow",
+                                 at=when)
+        enqueue_render(session, sample, reason=f"correction: {codes}")
+
+    bound.info("lis.results.applied", written=len(written), unchanged=unchanged,
+               state=sample.state)
+    return ApplyOutcome(
+        applied=len(written),
+        unchanged=unchanged,
+        sample_state=sample.state,
+        result_ids=tuple(r.id for r in written),
+    )
+
+
+def _same_as_input(a: ResultInput, b: ResultInput) -> bool:
+    return (a.status, a.value_text, a.value_number, a.comparator, a.units, a.flag,
+            a.is_critical) == (b.status, b.value_text, b.value_number, b.comparator, b.units,
+                               b.flag, b.is_critical)
+
+
+def _audit(session: Session, actor: str, action: str, specimen_id: str, detail: str,
+           at: datetime) -> None:
+    from lis_bridge.models import AccessAudit
+
+    session.add(AccessAudit(actor=actor, action=action, object_type="sample",
+                            object_id=specimen_id, detail=detail, at=at))
+
+
+def enqueue_render(session: Session, sample: Sample, *, reason: str) -> None:
+    """Queue a report rendering; a later change (more result rows) gets a new job.
+
+    The dedupe key counts the sample's result rows: the same data never queues twice,
+    and a correction (one more row) queues the amended version.
+    """
+    rows = session.scalar(select(func.count(Result.id)).where(Result.sample_fk == sample.id))
+    enqueue(session, "render_report", f"render_report:{sample.id}:r{rows or 0}", {
+        "sample_id": sample.id,
+        "specimen_id": sample.specimen_id,
+        "reason": reason,
+    })
+
+
+def is_done(session: Session, sample: Sample) -> bool:
+    """Every ordered test FINAL or CANCELLED (and at least one test ordered)."""
+    statuses = list(
+        session.scalars(select(OrderedTest.status).where(OrderedTest.sample_fk == sample.id))
+    )
+    return bool(statuses) and all(s in DONE_TEST_STATUSES for s in statuses)
+
+
+def complete_if_done(
+    session: Session, sample: Sample, *, actor: str, now: datetime | None = None
+) -> bool:
+    """PROCESSING -> COMPLETED (and the render job) once every ordered test is done."""
+    if sample.state != SampleState.PROCESSING or not is_done(session, sample):
+        return False
+    lifecycle.transition(session, sample, SampleState.COMPLETED, actor=actor,
+                         note="every ordered test final or cancelled", at=_as_utc(now))
+    enqueue_render(session, sample, reason="completed")
+    return True

@@ -1,0 +1,280 @@
+"""E1394 / LIS2-A2 record codec, capture reader and order encoders."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from drivers.astm.files import read_astm_file, wire_frames
+from drivers.astm.generic import (
+    GenericASTMDriver,
+    OrderRequest,
+    build_no_orders_answer,
+    build_order_records,
+    build_query_answer,
+    parse_astm_datetime,
+)
+from drivers.astm.records import (
+    Delimiters,
+    encode_header,
+    encode_message,
+    encode_record,
+    escape,
+    parse_message,
+    split_messages,
+    unescape,
+)
+from drivers.model import MessageKind
+
+RESULT = (
+    b"H|\\^&|||ANALYZER^1.0|||||||P|1|20240101120000\r"
+    b"P|1||PID1\r"
+    b"O|1|S1||^^^GLU\\^^^NA|R||||||N\r"
+    b"R|1|^^^GLU|5.5|mmol/L|3.9 to 6.1|H\\A||F||||20240101121500|M1\r"
+    b"C|1|I|hemolysed^sample|G\r"
+    b"L|1|N\r"
+)
+
+
+def chunked(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def test_delimiters_come_from_the_header() -> None:
+    # PROTOCOLS 47: H|@^\ (corpus:cepheid_genexpert__1) and H|\~& (mindray_cl8000i__1)
+    records, _ = parse_message(b"H|@^\\|x\rR|1|^^^A@^^^B|1^2\rL|1\r")
+    assert records[0].delimiters == Delimiters("|", "@", "^", "\\")
+    assert records[1].repeats(3) == ["^^^A", "^^^B"]
+    records, _ = parse_message(b"H|\\~&|||X\rQ|1|123~134144\rL|1\r")
+    assert records[1].value(3, 2) == "134144"
+
+
+def test_h2_is_not_split() -> None:
+    # PROTOCOLS 49
+    records, _ = parse_message(RESULT)
+    assert records[0].field(2) == "\\^&"
+    assert records[0].components(2) == ["\\^&"]
+    assert records[0].value(5, 1) == "ANALYZER"
+
+
+def test_doubled_delimiter_definition_is_tolerated_with_warning() -> None:
+    # corpus:abbott_architect_i1000sr__3 "H|\\\\^&"
+    records, warnings = parse_message(b"H|\\\\^&|||A\rL|1\r")
+    assert records[0].delimiters == Delimiters()
+    assert any("repeats a character" in w for w in warnings)
+
+
+def test_invalid_delimiters_are_refused() -> None:
+    # PROTOCOLS 48
+    with pytest.raises(ValueError):
+        Delimiters("|", "|", "^", "&")
+    with pytest.raises(ValueError):
+        Delimiters("|", "a", "^", "&")
+
+
+@pytest.mark.parametrize(
+    ("wire", "text"),
+    [
+        ("a&F&b", "a|b"),
+        ("a&S&b&R&c&E&d", "a^b\\c&d"),
+        ("&X0D0A&", "\r\n"),
+        ("&H&bold&N&", "bold"),
+        ("&Zlocal&", "&Zlocal&"),
+        ("PNG&R&20240628&R&x.PNG", "PNG\\20240628\\x.PNG"),  # corpus:sysmex_xn550__1
+        ("DB&E&23-33E22", "DB&23-33E22"),  # corpus:abbott_m2000rt__2
+        ("a & b", "a & b"),
+        ("trailing&", "trailing&"),
+    ],
+)
+def test_unescape(wire: str, text: str) -> None:
+    # PROTOCOLS 50-51
+    assert unescape(wire) == text
+
+
+def test_record_types_are_case_insensitive() -> None:
+    # PROTOCOLS 55
+    records, _ = parse_message(b"h|\\^&\rp|1\ro|1|S\rr|1|^^^A|1\rl|1\r")
+    assert [r.type for r in records] == ["H", "P", "O", "R", "L"]
+
+
+def test_trailing_fields_may_be_left_out() -> None:
+    # PROTOCOLS 52-53
+    records, _ = parse_message(b"H|\\^&\rR|1|^^^X|5\rL|1\r")
+    assert records[1].field(5) == "" and records[1].field(99) == ""
+
+
+@pytest.mark.parametrize("terminator", [b"\r", b"\n", b"\r\n"])
+def test_record_terminators(terminator: bytes) -> None:
+    # PROTOCOLS 46: CR on the wire; LF and CRLF tolerated in stored files
+    records, _ = parse_message(RESULT.replace(b"\r", terminator))
+    assert [r.type for r in records] == ["H", "P", "O", "R", "C", "L"]
+
+
+def test_hierarchy_warnings() -> None:
+    # PROTOCOLS 60-63: warn, do not reject
+    _, warnings = parse_message(b"H|\\^&\rO|1|S\rR|1|^^^A|1\rR|1|^^^B|2\rL|1\r")
+    assert any("without a preceding P" in w for w in warnings)
+    assert any("expected 2" in w for w in warnings)
+    _, warnings = parse_message(RESULT)
+    assert warnings == []
+
+
+def test_m_records_are_kept_verbatim() -> None:
+    # PROTOCOLS 74
+    m = "M|1|HISTOGRAM|RBC|FLOATLE-stream/deflate:base64^eJzt\\x&S&y"
+    records, _ = parse_message(b"H|\\^&\r" + m.encode() + b"\rL|1\r")
+    assert records[1].raw == m
+
+
+def test_split_messages() -> None:
+    # PROTOCOLS 59: several H...L messages in one session
+    text = RESULT + b"H|\\^&|||B\rL|1\r" + b"H|\\^&|||C\rQ|1|^X\r"
+    messages = split_messages(text)
+    assert len(messages) == 3
+    assert messages[0] == RESULT
+    assert messages[2] == b"H|\\^&|||C\rQ|1|^X\r"
+
+
+@pytest.mark.parametrize("size", range(1, 10))
+def test_reader_accepts_frames_in_every_storage_style(size: int) -> None:
+    framed = b"".join(wire_frames(RESULT, frame_size=size * 7))
+    for data in (
+        b"\x05" + framed + b"\x04",  # (a) session
+        framed.replace(b"\r\n", b"\n"),  # (b) CR lost
+        b"".join(wire_frames(RESULT, frame_size=63_000)).rstrip(b"\n"),  # (c) one frame, no LF
+        RESULT.replace(b"\r", b"\r\n"),  # (d) plain records
+    ):
+        capture = read_astm_file(data)
+        assert capture.messages == (RESULT,)
+        assert capture.problems == ()
+
+
+def test_reader_reports_bad_checksums_but_keeps_content() -> None:
+    frames = wire_frames(RESULT, frame_size=50)
+    bad = frames[0][:-4] + b"ZZ"[:0] + (b"00" if frames[0][-4:-2] != b"00" else b"11") + b"\r\n"
+    capture = read_astm_file(b"\x05" + bad + b"".join(frames[1:]) + b"\x04")
+    assert len(capture.problems) == 1
+    assert capture.messages == (RESULT,)
+    assert capture.frames[0] == bad  # sent as is by `send astm`
+
+
+def test_reader_detects_non_astm() -> None:
+    # PROTOCOLS 43
+    assert not read_astm_file(b"\x02\x1emtrsl|pi\x1dx\x03\n").is_astm
+    assert not read_astm_file(b"hello world\r\n").is_astm
+
+
+def test_parse_astm_datetime() -> None:
+    # PROTOCOLS 56
+    assert parse_astm_datetime("20240101") is not None
+    moment = parse_astm_datetime("20200912143000+0900")
+    assert moment is not None and moment.utcoffset() is not None
+    assert parse_astm_datetime("00000000000000") is None
+    assert parse_astm_datetime("") is None
+
+
+def test_generic_decode_result() -> None:
+    message = GenericASTMDriver().decode(RESULT)
+    assert message.kind is MessageKind.RESULTS
+    assert message.sender == "ANALYZER"
+    assert message.control_id == "20240101120000"  # H-3 empty: H-14
+    specimen = message.specimens[0]
+    assert specimen.specimen_id == "S1"
+    assert specimen.patient_id_hint == "PID1"
+    assert specimen.ordered_codes == ("GLU", "NA")
+    obs = specimen.observations[0]
+    assert (obs.analyzer_code, obs.value_text, obs.units) == ("GLU", "5.5", "mmol/L")
+    assert obs.reference_range == "3.9 to 6.1"
+    assert obs.flags == ("H", "A")
+    assert obs.status == "F"
+    assert obs.equipment == "M1"
+    assert obs.observed_at is not None
+    assert obs.comments == ("hemolysed sample",)
+
+
+def test_generic_detect() -> None:
+    assert GenericASTMDriver.detect(RESULT)
+    assert not GenericASTMDriver.detect(b"MSH|^~\\&|")
+
+
+# ------------------------------------------------------------------ encoders
+
+
+def test_build_order_records_and_decode_back() -> None:
+    order = OrderRequest("S|1^x", ("GLU", "NA"), priority="S", action_code="A")
+    text = build_order_records(
+        [order], analyzer_id="C311", lis_id="LAB", timestamp="20240101120000"
+    )
+    assert text.startswith(b"H|\\^&|||LAB|||||C311||P|LIS2-A2|20240101120000\r")
+    assert b"O|1|S&F&1&S&x||^^^GLU\\^^^NA|S||||||A||||||||||||||O\r" in text
+    assert text.endswith(b"L|1|N\r")
+    decoded = GenericASTMDriver().decode(text)
+    assert decoded.kind is MessageKind.ORDERS
+    assert decoded.specimens[0].specimen_id == "S|1^x"
+    assert decoded.specimens[0].ordered_codes == ("GLU", "NA")
+
+
+def test_query_answer_uses_q_and_analyzer_delimiters() -> None:
+    # PROTOCOLS 67 (O-26 Q), 47 (the analyzer's own delimiters)
+    delims = Delimiters("|", "\\", "~", "&")
+    text = build_query_answer([OrderRequest("123", ("CA125",))], delimiters=delims)
+    assert text.startswith(b"H|\\~&")
+    assert b"|~~~CA125|" in text
+    records, _ = parse_message(text)
+    assert records[2].value(26) == "Q"
+
+
+def test_no_orders_answer() -> None:
+    # PROTOCOLS 73
+    assert build_query_answer([]).endswith(b"L|1|I\r")
+    assert build_no_orders_answer(lis_id="LAB").endswith(b"L|1|I\r")
+
+
+component = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFE, exclude_characters="\x7f"),
+    max_size=12,
+)
+field_value = st.one_of(
+    component,
+    st.tuples(component, component, component),
+    st.lists(st.tuples(component, component), min_size=1, max_size=3),
+)
+delimiter_sets = st.permutations(["|", "\\", "^", "&", "!", "~", "@", "#"]).map(
+    lambda p: Delimiters(p[0], p[1], p[2], p[3])
+)
+
+
+@given(fields=st.lists(field_value, min_size=1, max_size=8), delims=delimiter_sets)
+def test_round_trip_encode_decode(fields: list, delims: Delimiters) -> None:
+    # PROTOCOLS 50, 52: any text survives escaping under any delimiter set
+    record = encode_record("R", ["1", *fields], delims)
+    text = encode_message([encode_header(["CTRL"], delims), record, "L" + delims.field + "1"])
+    records, _ = parse_message(text)
+    parsed = records[1]
+    assert b"\n" not in text
+    for number, value in enumerate(fields, start=3):
+        if isinstance(value, str):
+            assert parsed.value(number) == value
+        elif isinstance(value, tuple):
+            if any(value):
+                assert tuple(parsed.components(number)) == value
+        elif any(any(rep) for rep in value):
+            got = [tuple(parsed.components(number, i)) for i in range(len(value))]
+            # trailing empty fields are dropped by the encoder, so compare the kept part
+            assert got == value
+
+
+@given(text=component, delims=delimiter_sets)
+def test_escape_unescape_round_trip(text: str, delims: Delimiters) -> None:
+    escaped = escape(text, delims)
+    for ch in (delims.field, delims.repeat, delims.component):
+        assert ch not in escaped
+    assert unescape(escaped, delims) == text
+
+
+@pytest.mark.parametrize("size", range(1, 10))
+def test_decode_is_independent_of_how_records_were_split_on_the_wire(size: int) -> None:
+    framed = b"".join(wire_frames(RESULT, frame_size=size))
+    capture = read_astm_file(b"".join(chunked(framed, size)))
+    assert capture.messages == (RESULT,)
