@@ -87,13 +87,21 @@ def _shared_processors() -> list[Any]:
     ]
 
 
-def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> None:
-    """Configure structlog and stdlib logging (Twisted's log is routed through it)."""
-    use_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+def configure_logging(
+    log_format: str = "auto", level: int = logging.INFO, stream: Any = None
+) -> None:
+    """Configure structlog and stdlib logging (Twisted's log is routed through it).
+
+    The engine (`labrelay run`) logs to stdout; other commands log to stderr so their
+    own output stays clean for pipes.
+    """
+    stream = stream if stream is not None else sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    use_json = log_format == "json" or (log_format == "auto" and not tty)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else structlog.dev.ConsoleRenderer(colors=tty)
     )
     structlog.configure(
         processors=[
@@ -109,7 +117,7 @@ def configure_logging(log_format: str = "auto", level: int = logging.INFO) -> No
         foreign_pre_chain=_shared_processors(),
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -8,7 +8,7 @@ nothing acknowledged is half-written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from sqlalchemy import select
@@ -129,7 +129,7 @@ class EngineService(MultiService):
                 host = port.getHost()
                 state.address = f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"
             log.info("interface.started", interface=iface.name, protocol=iface.protocol,
-                     transport=iface.transport_summary, address=state.address)
+                     transport=iface.transport_summary, bound=state.address)
 
         def failed(failure: Any) -> None:
             self._failed(state, failure.getErrorMessage())
@@ -159,16 +159,44 @@ class EngineService(MultiService):
         return serverFromString(self.reactor, iface.listen).listen(factory)
 
     def _start_astm(self, iface: InterfaceConfig) -> Deferred[Any]:
-        from engine.adapters.astm import start_astm_interface
+        """The same link core on a TCP listener, a TCP client or an RS-232 line."""
+        from twisted.application.internet import ClientService, backoffPolicy
+        from twisted.internet.endpoints import clientFromString, serverFromString
+
+        from engine.adapters.astm import ASTMFactory, open_serial
 
         assert self.pipeline is not None
-        d, closer, factory = start_astm_interface(
-            self.reactor, iface, ASTMHandler(self.pipeline)
+        factory = ASTMFactory(
+            ASTMHandler(self.pipeline),
+            iface.name,
+            clock=self.reactor,
+            role=iface.astm.role,
+            link_options={
+                "frame_size": iface.astm.frame_size,
+                "lenient": iface.astm.lenient,
+                "accept_lowercase_checksum": iface.astm.accept_lowercase_checksum,
+                "max_message_size": iface.max_message_bytes,
+            },
+            allowlist=iface.allowlist or None,
+            max_connections=iface.max_connections,
         )
-        if closer is not None:
-            self.closers.append(closer)
         self.factories[iface.name] = factory
-        return d
+        if iface.listen:
+            return serverFromString(self.reactor, iface.listen).listen(factory)
+        if iface.connect:
+            endpoint = clientFromString(self.reactor, iface.connect)
+            client = ClientService(endpoint, cast(Any, factory), clock=self.reactor,
+                                   retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0))
+            client.startService()
+            self.closers.append(client.stopService)
+            return defer.succeed(None)
+        assert iface.serial is not None
+        serial = iface.serial
+        port = open_serial(self.reactor, factory, serial.device, baudrate=serial.baudrate,
+                           bytesize=serial.bytesize, parity=serial.parity,
+                           stopbits=serial.stopbits)
+        self.closers.append(port.loseConnection)
+        return defer.succeed(None)
 
     def _resume_unapplied(self) -> None:
         """Messages stored but not applied when the last run stopped (after_commit policy)."""
@@ -219,7 +247,7 @@ class EngineService(MultiService):
         def up(port: Any) -> None:
             self.ports.append(port)
             host = port.getHost()
-            log.info("admin.started", address=f"{getattr(host, 'host', '')}:"
+            log.info("admin.started", bound=f"{getattr(host, 'host', '')}:"
                      f"{getattr(host, 'port', '')}")
 
         d.addCallbacks(up, lambda f: log.error("admin.failed", reason=f.getErrorMessage()))

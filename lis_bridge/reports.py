@@ -414,7 +414,13 @@ def _report_fonts() -> tuple[str, str, str]:
     global _fonts
     if _fonts is not None:
         return _fonts
+    from reportlab import rl_config
     from reportlab.pdfbase import pdfmetrics
+
+    # Binary (zlib) streams instead of ASCII85 text: a quarter smaller, and encoding them
+    # was the largest cost of a report. reportlab reads this global when writing streams;
+    # labrelay is its only user in the process.
+    rl_config.useA85 = 0
     from reportlab.pdfbase.ttfonts import TTFont
 
     for folder in _FONT_DIRS:

@@ -24,9 +24,12 @@ def run_cmd(state: CliState) -> None:
     """
     from twisted.internet import reactor
 
-    from engine.logging import route_twisted_logs
+    import sys
+
+    from engine.logging import configure_logging, route_twisted_logs
     from engine.service import EngineService
 
+    configure_logging(state.log_format, stream=sys.stdout)
     config = state.load_config()
     database_url = state.database_url()
     route_twisted_logs()

@@ -181,7 +181,7 @@ def test_correction_supersedes_and_requests_an_amended_report(
         again = apply(session, [res("GLU", "6.3", "C")])
         assert (again.applied, again.unchanged, again.held) == (0, 1, False)
         assert len(jobs(session, "render_report")) == 3
-        assert len(events(session)) == 8
+        assert len(events(session)) == 7
 
 
 def test_changed_final_after_completion_is_held(sessions: sessionmaker[Session]) -> None:
