@@ -22,9 +22,9 @@ def run_cmd(state: CliState) -> None:
     Example:
       labrelay run --config config/labrelay.example.yaml
     """
-    from twisted.internet import reactor
-
     import sys
+
+    from twisted.internet import reactor
 
     from engine.logging import configure_logging, route_twisted_logs
     from engine.service import EngineService

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.errors import InvalidTransition
+from lis_bridge.db import make_engine, session_factory
 from lis_bridge.lifecycle import NEW, TRANSITIONS, allowed_targets, transition
 from lis_bridge.models import Sample, SampleEvent, SampleState
 
@@ -37,10 +41,10 @@ def _sample_in(session: Session, specimen_id: str, state: str) -> Sample:
 def test_the_table_is_the_documented_lifecycle() -> None:
     assert (NEW, SampleState.COLLECTED) in TRANSITIONS
     line = [NEW, *SampleState]
-    for before, after in zip(line, line[1:], strict=False):
+    for before, after in itertools.pairwise(line):
         assert (before, after) in TRANSITIONS, (before, after)
     # The two documented extras (lifecycle module text): on-site collection, amendment.
-    extras = set(TRANSITIONS) - set(zip(line, line[1:], strict=False))
+    extras = set(TRANSITIONS) - set(itertools.pairwise(line))
     assert extras == {
         (SampleState.COLLECTED, SampleState.RECEIVED_AT_LAB),
         (SampleState.REPORTED, SampleState.REPORTED),
@@ -131,3 +135,41 @@ def test_audit_rows_cannot_be_changed(sessions: sessionmaker[Session]) -> None:
             .order_by(SampleEvent.id)
         ).tuples().all()
         assert rows == [("", "COLLECTED", "nurse"), ("COLLECTED", "IN_TRANSIT", "driver")]
+
+
+_walks = itertools.count()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(TARGETS), max_size=12))
+def test_any_walk_keeps_state_and_audit_in_step(sqlite_url: str,
+                                                 targets: list[SampleState]) -> None:
+    """Whatever is asked, the sample's state is the last audit row's, and refused moves
+    leave no row (a property over the whole table)."""
+    engine = make_engine(sqlite_url)
+    specimen_id = f"W{next(_walks)}"
+    try:
+        with session_factory(engine)() as session:
+            sample = Sample(specimen_id=specimen_id)
+            expected: list[tuple[str, str]] = []
+            for target in targets:
+                before = sample.state or NEW
+                try:
+                    transition(session, sample, target, actor="walker")
+                except InvalidTransition:
+                    assert (before, target) not in TRANSITIONS
+                    continue
+                expected.append((before, target))
+            session.commit()
+            rows = session.execute(
+                select(SampleEvent.from_state, SampleEvent.to_state)
+                .where(SampleEvent.specimen_id == specimen_id).order_by(SampleEvent.id)
+            ).tuples().all()
+            assert rows == expected
+            if rows:
+                assert sample.state == rows[-1][1]
+            for (_, to), (frm, _) in itertools.pairwise(rows):
+                assert to == frm
+    finally:
+        engine.dispose()

@@ -1,0 +1,180 @@
+"""The engine as a user runs it: `labrelay run` on 127.0.0.1, a real database, python-hl7's
+`mllp_send` as the external client (PROTOCOLS 75-90), and a SIGKILL in the middle of a stream.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from engine.cli import main as cli
+from lis_bridge.db import make_engine, session_factory
+from lis_bridge.models import MessageStatus, RawMessage, Result, Sample
+from tests.integration.enginerun import REPO, free_port, running_engine
+
+pytestmark = pytest.mark.slow
+
+MLLP_SEND = Path(sys.executable).with_name("mllp_send")
+
+
+def write_config(tmp_path: Path, port: int, *, ack_policy: str = "after_apply") -> Path:
+    config = tmp_path / "labrelay.yaml"
+    config.write_text(
+        f"""
+database: sqlite:///unused.db
+interfaces:
+  - name: e2e-hl7
+    protocol: hl7
+    driver: hl7-generic
+    mapping: {REPO / 'mappings' / 'generic_hl7.yaml'}
+    transport:
+      listen: tcp:{port}:interface=127.0.0.1
+    ack: {{policy: {ack_policy}}}
+    allowlist: [127.0.0.1]
+reports:
+  output_dir: {tmp_path / 'reports'}
+  signing_key: e2e-signing-key-0123456789abcdef
+"""
+    )
+    return config
+
+
+def import_orders(db_url: str, *receive: str) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["orders", "import", str(REPO / "fixtures" / "orders_example.csv"),
+                                 "--database", db_url])
+    assert result.exit_code == 0, result.output
+    if receive:
+        result = runner.invoke(cli, ["samples", "receive", *receive, "--location", "Main lab",
+                                     "--by", "tester", "--database", db_url])
+        assert result.exit_code == 0, result.output
+
+
+def mllp_send(port: int, message_file: Path) -> str:
+    assert MLLP_SEND.exists(), "python-hl7 provides the mllp_send client"
+    done = subprocess.run(
+        [str(MLLP_SEND), "--port", str(port), "--file", str(message_file), "--loose",
+         "127.0.0.1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_results_arrive_with_real_client_and_are_acknowledged(db_url: str, tmp_path: Path) -> None:
+    import_orders(db_url, "DEMO0001")
+    port = free_port()
+    config = write_config(tmp_path, port)
+    with running_engine(config, db_url, tmp_path) as engine:
+        # PROTOCOLS 83-85: AA, MSA-2 echoes MSH-10, sender and receiver swapped
+        output = mllp_send(port, REPO / "fixtures" / "oru_DEMO0001.hl7")
+        assert "MSA|AA|DEMO-0001" in output
+        assert "MSH|^~\\&|LABRELAY|LAB|DEMOANALYZER|CHEM1|" in output.replace("\n", "\r")
+        # DESIGN rule 3: an unknown specimen is stored and HELD; the analyzer gets AE + ERR
+        output = mllp_send(port, REPO / "fixtures" / "oru_unknown_specimen.hl7")
+        assert "MSA|AE|DEMO-0002" in output
+        assert "ERR|" in output and "UNKNOWN_SPECIMEN" in output
+        # PROTOCOLS 90 / DESIGN rule 5: a resend is acknowledged again, not applied twice
+        output = mllp_send(port, REPO / "fixtures" / "oru_DEMO0001.hl7")
+        assert "MSA|AA|DEMO-0001" in output
+        assert engine.stop() == 0  # Ctrl-C: a clean stop
+    assert engine.events("engine.stopped")
+    sessions = session_factory(make_engine(db_url))
+    with sessions() as session:
+        statuses = [r.status for r in session.scalars(select(RawMessage).order_by(RawMessage.id))]
+        assert statuses == [MessageStatus.APPLIED, MessageStatus.HELD, MessageStatus.DUPLICATE]
+        sample = session.scalar(select(Sample).where(Sample.specimen_id == "DEMO0001"))
+        assert sample is not None and sample.state in ("COMPLETED", "REPORTED")
+        results = session.scalar(select(func.count()).select_from(Result)
+                                 .where(Result.sample_fk == sample.id))
+        assert results == 6
+    # No patient data in the engine's log (names, ids, birth dates, values)
+    log_text = "".join(engine.raw_lines)
+    for secret in ("Testperson", "PX-1001", "19610412", "1961-04-12", "Alma"):
+        assert secret not in log_text
+
+
+def _stream(port: int, messages: list[bytes], acked: list[str], stop_after: int) -> None:
+    """Send messages one by one, recording every control id whose AA came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for n, message in enumerate(messages):
+            sock.sendall(b"\x0b" + message + b"\x1c\r")
+            buffer = b""
+            try:
+                while b"\x1c\r" not in buffer:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+            except OSError:
+                return
+            if b"MSA|AA|" in buffer:
+                acked.append(buffer.split(b"MSA|AA|", 1)[1].split(b"|")[0].split(b"\r")[0]
+                             .decode())
+            if n + 1 == stop_after:
+                return
+
+
+def _message(n: int) -> bytes:
+    return (
+        f"MSH|^~\\&|KILLTEST|CHEM1|LABRELAY|LAB|20250303101500||ORU^R01^ORU_R01|K{n:05d}|P|2.5.1\r"
+        f"PID|1||PX-1001\rOBR|1|DEMO0001|DEMO0001|CHEM^Chemistry\r"
+        f"OBX|1|NM|GLU^Glucose||{5 + n / 100:.2f}|mmol/L|3.9-6.1|N|||P\r"
+    ).encode()
+
+
+def test_sigkill_loses_no_acknowledged_message(db_url: str, tmp_path: Path) -> None:
+    """DESIGN rule 1: every message that was ACKed is in the database exactly once after a
+    SIGKILL and a restart, and the sender's resends are recognised as duplicates."""
+    import_orders(db_url, "DEMO0001")
+    port = free_port()
+    config = write_config(tmp_path, port)
+    messages = [_message(n) for n in range(400)]
+    acked_first: list[str] = []
+    with running_engine(config, db_url, tmp_path) as engine:
+        import threading
+
+        sender = threading.Thread(target=_stream, args=(port, messages, acked_first, 0))
+        sender.start()
+        # Kill mid-stream, once some messages are through (bounded wait, no fixed sleep)
+        for _ in range(2000):
+            if len(acked_first) >= 50 or not sender.is_alive():
+                break
+            sender.join(0.01)
+        engine.process.send_signal(signal.SIGKILL)
+        engine.process.wait(10)
+        sender.join(30)
+    assert 0 < len(acked_first) < len(messages), "the kill should land mid-stream"
+    # Restart and resend everything, as an analyzer does with unacknowledged messages
+    acked_second: list[str] = []
+    with running_engine(config, db_url, tmp_path):
+        _stream(port, messages, acked_second, 0)
+    sessions = session_factory(make_engine(db_url))
+    with sessions() as session:
+        rows = session.execute(
+            select(RawMessage.control_id, RawMessage.status).where(
+                RawMessage.status != MessageStatus.DUPLICATE)
+        ).all()
+    stored = [control for control, _status in rows]
+    for control in acked_first:
+        assert stored.count(control) == 1, f"{control} was ACKed but stored {stored.count(control)}x"
+    assert len(set(stored)) == len(stored) == len(messages)
+    assert len(acked_second) == len(messages)
+
+
+@pytest.mark.skipif(shutil.which("true") is None, reason="needs a POSIX userland")
+def test_bad_config_does_not_start(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("interfaces:\n  - name: x\n    protocol: smoke-signals\n")
+    done = subprocess.run([sys.executable, "-m", "engine", "run", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    assert done.returncode != 0
+    assert f"{bad}:3: interfaces[0].protocol: expected one of hl7, astm" in done.stderr
