@@ -261,6 +261,7 @@ def run_once(
 ) -> TickSummary:
     """One tick, synchronously. ``workers=0`` renders in this process (tests, small runs);
     ``workers>0`` uses a spawn-safe process pool like the service."""
+    explicit = now is not None
     now = _as_utc(now)
     own_engine = engine is None
     engine = engine or make_engine(database_url)
@@ -289,6 +290,8 @@ def run_once(
                     outcomes.append((task, exc))
         if outcomes:
             work.finish_render_jobs(outcomes, now, summary)
+        if not explicit:  # the notify jobs those renders just wrote are due now too
+            now = utcnow()
         work.process_notify_jobs(now, summary)
         work.escalate(now, summary)
         sends = work.claim_deliveries(now)
@@ -303,7 +306,12 @@ def run_once(
 
 
 class OutboxRunner(Service):
-    """Twisted service running the outbox on a LoopingCall (injectable clock)."""
+    """Twisted service running the outbox on a LoopingCall (injectable clock).
+
+    Reports render in a ``forkserver`` process pool: the program that starts the service
+    must guard its entry point (``if __name__ == "__main__":``), because worker processes
+    import the main module again (console scripts do this already).
+    """
 
     name = "outbox"
 

@@ -229,7 +229,7 @@ def apply_stored(
     row.hold_detail = ""
     row.applied_at = now
     result.status = row.status
-    log.info("message.applied", interface=rt.name, message_id=row.id, results=applied,
+    log.info("message.applied", interface=rt.name, message_id=row.id, result_count=applied,
              control_id=message.control_id)
     return result
 

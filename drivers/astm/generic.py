@@ -177,8 +177,7 @@ class GenericASTMDriver:
                 specimen_id = self._specimen_id(rec, roche, records, position)
                 if not specimen_id:
                     warnings.append(
-                        f"record {position}: no specimen id in "
-                        f"{', '.join(self.specimen_id_fields)}"
+                        f"record {position}: no specimen id in {', '.join(self.specimen_id_fields)}"
                     )
                 action = rec.value(12, 1).strip().upper()
                 builder = self._find_or_add(specimens, specimen_id, patient_hint)
@@ -273,9 +272,7 @@ class GenericASTMDriver:
                 return value
         return ""
 
-    def _specimen_id(
-        self, rec: Record, roche: bool, records: list[Record], position: int
-    ) -> str:
+    def _specimen_id(self, rec: Record, roche: bool, records: list[Record], position: int) -> str:
         for name in self.specimen_id_fields:
             rtype, number = _field_ref(name)
             source = rec if rtype == "O" else _nearest_before(records, position, rtype)
@@ -502,4 +499,3 @@ def build_no_orders_answer(
         encode_record("L", ["1", "I"], delimiters),
     ]
     return encode_message(records)
-

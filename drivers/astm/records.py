@@ -218,12 +218,7 @@ def is_header_line(line: bytes | str) -> bool:
     if isinstance(line, bytes):
         line = line.decode("latin-1")
     line = line.lstrip(" \t")
-    return (
-        len(line) >= 5
-        and line[0] in "Hh"
-        and not line[1].isalnum()
-        and line[1] not in " \r\n"
-    )
+    return len(line) >= 5 and line[0] in "Hh" and not line[1].isalnum() and line[1] not in " \r\n"
 
 
 def split_messages(text: bytes) -> list[bytes]:
@@ -253,9 +248,7 @@ def split_messages(text: bytes) -> list[bytes]:
     return messages
 
 
-def parse_message(
-    text: bytes | str, encoding: str = "latin-1"
-) -> tuple[list[Record], list[str]]:
+def parse_message(text: bytes | str, encoding: str = "latin-1") -> tuple[list[Record], list[str]]:
     """Parse one H...L message into records; returns (records, warnings).
 
     Raises ``ValueError`` when the text does not start with an H record, since the
@@ -367,9 +360,7 @@ def encode_record(
     return delims.field.join([record_type, *encoded])
 
 
-def encode_header(
-    fields: Sequence[FieldValue], delims: Delimiters = DEFAULT_DELIMITERS
-) -> str:
+def encode_header(fields: Sequence[FieldValue], delims: Delimiters = DEFAULT_DELIMITERS) -> str:
     """Build an H record: ``fields[0]`` is H-3 (message control id)."""
     encoded = [encode_field(f, delims) for f in fields]
     while encoded and encoded[-1] == "":

@@ -126,9 +126,7 @@ class _SendProtocol(Protocol):
                 case SendCompleted():
                     self.report.completed.append(self._index_to_session[event.message_index])
                 case SendFailed():
-                    self.report.failed[self._index_to_session[event.message_index]] = (
-                        event.reason
-                    )
+                    self.report.failed[self._index_to_session[event.message_index]] = event.reason
                 case MessageReceived():
                     self.report.received.append(event.text)
                     # we are a test instrument: "store" at once so the sender gets its ACK

@@ -107,6 +107,11 @@ class MLLPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
+        # Replies are a few bytes (ACK, NAK, a short HL7 ACK): without TCP_NODELAY, Nagle
+        # and the peer's delayed ACK add ~40 ms to every exchange.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self.log.info("mllp.connection.opened", connections=len(self.factory.connections))
         self._arm_idle()
 

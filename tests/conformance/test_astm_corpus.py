@@ -81,7 +81,9 @@ def specimen_matches(specimen: str, expected: str) -> bool:
     )
 
 
-def replay(frames: tuple[bytes, ...], sessions: tuple[tuple[bytes, ...], ...], **options: Any):
+def replay(
+    sessions: tuple[tuple[bytes, ...], ...], **options: Any
+) -> tuple[bytes, list[MessageReceived], list[str]]:
     """Feed every session (ENQ, frames byte by byte, EOT) to a receiving core."""
     link = ASTMLink(**options)
     replies = b""
@@ -129,9 +131,7 @@ def test_corpus_file(name: str) -> None:
         assert capture.problems == ()
 
     # replay through a receiving link core, byte by byte (PROTOCOLS 17, 30, 42)
-    replies, received, rejected = replay(
-        capture.frames, capture.sessions, **LINK_OPTIONS.get(name, {})
-    )
+    replies, received, rejected = replay(capture.sessions, **LINK_OPTIONS.get(name, {}))
     if name in NEGATIVE:
         # PROTOCOLS 30(b): the first frame is NAKed on the wire
         assert replies[:3] == bytes([ACK, NAK, ACK]) or replies[:2] == bytes([ACK, NAK])
@@ -173,7 +173,8 @@ def test_corpus_file(name: str) -> None:
             and o.value_text.strip() == value.strip()
             and o.units == units
         ]
-        assert found, (code, value, units, [(o.analyzer_code, o.value_text, o.units) for o in observations])
+        seen = [(o.analyzer_code, o.value_text, o.units) for o in observations]
+        assert found, (code, value, units, seen)
 
     # kinds the corpus documents
     if query_ids:
@@ -191,8 +192,13 @@ def test_keep_alive_is_recognised() -> None:
 def test_queries_read_specimen_from_the_vendor_component() -> None:
     # PROTOCOLS 71: component 1 (Immucor), 2 (MAGLUMI), 3 (Roche)
     expected = {
-        "astm/immucor_rvt__1.txt": ["VALI200301", "VALI200302", "VALI200303", "VALI200304",
-                                    "VALI200305"],
+        "astm/immucor_rvt__1.txt": [
+            "VALI200301",
+            "VALI200302",
+            "VALI200303",
+            "VALI200304",
+            "VALI200305",
+        ],
         "astm/snibe_maglumi_x8__1.txt": ["4957636"],
         "astm/roche_cobas_c311__2.txt": ["00002"],
     }

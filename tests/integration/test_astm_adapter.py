@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tty
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from structlog.testing import capture_logs
 from twisted.internet import defer, task
@@ -46,6 +46,10 @@ class MemoryHandler:
         return defer.succeed([ANSWER] if b"\rQ|" in text else [])
 
 
+def write(protocol: Protocol, data: bytes) -> None:
+    cast(Any, protocol.transport).write(data)
+
+
 async def turns(condition: Any, limit: int = 3000) -> None:
     """Let the reactor run (I/O included) until ``condition()``; bounded, no sleeping."""
     for _ in range(limit):
@@ -60,11 +64,11 @@ class RawClient(Protocol):
 
     def __init__(self) -> None:
         self.replies = bytearray()
-        self.connected: Deferred[None] = Deferred()
+        self.ready: Deferred[None] = Deferred()
         self.lost = False
 
     def connectionMade(self) -> None:
-        self.connected.callback(None)
+        self.ready.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         self.replies += data
@@ -85,7 +89,7 @@ class TCPServerTests(unittest.TestCase):
         factory = ClientFactory.forProtocol(lambda: client)
         connector = reactor.connectTCP("127.0.0.1", port, factory)
         self.addCleanup(connector.disconnect)
-        await client.connected
+        await client.ready
         return client
 
     async def test_corpus_sessions_land(self) -> None:
@@ -109,13 +113,13 @@ class TCPServerTests(unittest.TestCase):
         frame = encode_frames(MSG)[0]
         bad = frame[:-4] + (b"00" if frame[-4:-2] != b"00" else b"11") + b"\r\n"
         with capture_logs() as logs:
-            client.transport.write(bytes([ENQ]))  # type: ignore[union-attr]
+            write(client, bytes([ENQ]))
             await turns(lambda: len(client.replies) == 1)
-            client.transport.write(bad)  # type: ignore[union-attr]
+            write(client, bad)
             await turns(lambda: len(client.replies) == 2)
-            client.transport.write(frame)  # type: ignore[union-attr]
+            write(client, frame)
             await turns(lambda: len(client.replies) == 3)
-            client.transport.write(bytes([EOT]))  # type: ignore[union-attr]
+            write(client, bytes([EOT]))
         assert bytes(client.replies) == bytes([ACK, NAK, ACK])
         assert handler.stored == [MSG]
         rejected = [e for e in logs if e["event"] == "astm.frame.rejected"]
@@ -157,10 +161,10 @@ class TCPServerTests(unittest.TestCase):
         await turns(lambda: len(factory.connections) == 1)
         sent = factory.send_message(ANSWER)
         await turns(lambda: bytes(client.replies) == bytes([ENQ]))
-        client.transport.write(bytes([ACK]))  # type: ignore[union-attr]
+        write(client, bytes([ACK]))
         await turns(lambda: len(client.replies) > 1)
         assert bytes(client.replies[1:]) == encode_frames(ANSWER)[0]
-        client.transport.write(bytes([ACK]))  # type: ignore[union-attr]
+        write(client, bytes([ACK]))
         await sent
         await turns(lambda: client.replies.endswith(bytes([EOT])))
 
@@ -196,9 +200,9 @@ class ReceiveTimeoutTests(unittest.TestCase):
             "127.0.0.1", port.getHost().port, ClientFactory.forProtocol(lambda: client)
         )
         self.addCleanup(connector.disconnect)
-        await client.connected
+        await client.ready
         frames = encode_frames(MSG, frame_size=30)
-        client.transport.write(bytes([ENQ]) + frames[0])  # type: ignore[union-attr]
+        write(client, bytes([ENQ]) + frames[0])
         await turns(lambda: len(client.replies) == 2)
         connection = next(iter(factory.connections))
         with capture_logs() as logs:
@@ -235,11 +239,9 @@ class TCPClientModeTests(unittest.TestCase):
         self.addCleanup(service.stopService)
         await turns(lambda: len(connections) == 1)
         # the analyzer sends a message over the connection the LIS opened
-        connections[0].transport.write(  # type: ignore[union-attr]
-            bytes([ENQ]) + b"".join(encode_frames(MSG)) + bytes([EOT])
-        )
+        write(connections[0], bytes([ENQ]) + b"".join(encode_frames(MSG)) + bytes([EOT]))
         await turns(lambda: handler.stored == [MSG])
-        connections[0].transport.loseConnection()  # type: ignore[union-attr]
+        cast(Any, connections[0].transport).loseConnection()
         await turns(lambda: not factory.connections)
         retry_clock.advance(120)  # past any backoff delay
         await turns(lambda: len(connections) == 2)
@@ -273,7 +275,7 @@ class SerialTests(unittest.TestCase):
         await turns(lambda: read_master() == bytes([ACK]))
         for i, frame in enumerate(encode_frames(MSG, frame_size=25), start=2):
             os.write(master, frame)
-            await turns(lambda n=i: len(read_master()) == n)  # type: ignore[misc]
+            await turns(lambda n=i: len(read_master()) == n)
         os.write(master, bytes([EOT]))
         assert set(bytes(replies)) == {ACK}
         await turns(lambda: handler.stored == [MSG])

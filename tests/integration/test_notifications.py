@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -286,3 +287,92 @@ def test_unrouted_kind_is_kept_visible(db_url: str, sessions: sessionmaker[Sessi
                                    settings, T0)
         assert n.status == JobStatus.FAILED and n.channel == "(none)"
         assert "notifications.routes.engine_alert" in n.last_error
+
+
+SERVICE_SCRIPT = r'''
+import json, sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from twisted.internet import reactor, task
+
+from engine.outbox_runner import OutboxRunner
+from lis_bridge.db import make_engine, session_factory, transaction
+from lis_bridge.models import JobStatus, Notification, Report
+from lis_bridge.notifications import ChannelSettings, NotificationSettings
+from lis_bridge.reports import ReportSettings
+from sqlalchemy import select
+
+
+def main():
+    url, hook, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    reports = ReportSettings(output_dir=out, signing_key=b"service-test-key-0123456789")
+    notes = NotificationSettings(
+        channels=(ChannelSettings(name="hook", type="webhook", url=hook, timeout=5),),
+        routes={"report_ready": ("hook",)},
+    )
+    runner = OutboxRunner(url, reports, notes, workers=1, poll_interval=0.05)
+    sessions = session_factory(make_engine(url))
+    state = {"checks": 0}
+
+    def check():
+        state["checks"] += 1
+        with transaction(sessions) as session:
+            reports_done = list(session.scalars(select(Report)))
+            delivered = list(session.scalars(select(Notification).where(
+                Notification.status == JobStatus.DONE)))
+        if (reports_done and delivered) or state["checks"] > 1200:
+            loop.stop()
+            d = runner.stopService()
+            def done(_):
+                print(json.dumps({"reports": len(reports_done), "delivered": len(delivered),
+                                  "ticks": runner.ticks}))
+                reactor.stop()
+            d.addBoth(done)
+
+    loop = task.LoopingCall(check)
+    reactor.callWhenRunning(runner.startService)
+    reactor.callWhenRunning(loop.start, 0.05)
+    reactor.run()
+
+# Worker processes (forkserver/spawn) import this module again: guard the entry point.
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_outbox_service_renders_and_delivers_under_the_reactor(
+    sqlite_url: str, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    """The Twisted service end to end in its own process (the global reactor runs once per
+    process): a render job goes through the process pool, its notification to a real
+    HTTP receiver, then the service stops cleanly."""
+    import subprocess
+    import sys
+
+    from lis_bridge.db import make_engine, session_factory
+
+    engine = make_engine(sqlite_url)
+    sessions = session_factory(engine)
+    sample_id = make_sample(sessions)
+    with transaction(sessions) as session:
+        sample = session.get(Sample, sample_id)
+        assert sample is not None
+        sample.state = "COMPLETED"
+        enqueue(session, "render_report", "render:1",
+                {"sample_id": sample_id, "specimen_id": "SPC-0042", "reason": "completed"})
+    engine.dispose()
+    webhook.start()
+    script = tmp_path / "service.py"
+    script.write_text(SERVICE_SCRIPT, encoding="utf-8")
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, str(script), sqlite_url, webhook.url, str(tmp_path / "reports")],
+        capture_output=True, timeout=90, cwd=repo, check=False,
+        env={**__import__("os").environ, "PYTHONPATH": str(repo)},
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    summary = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert summary["reports"] == 1 and summary["delivered"] == 1
+    assert len(webhook.requests) == 1 and webhook.requests[0]["specimen_id"] == "SPC-0042"
+    assert PATIENT_NAME.encode() not in done.stdout + done.stderr

@@ -1,0 +1,208 @@
+"""ASTM ingestion benchmark: result messages with 25 R records each.
+
+1. TCP: an instrument-side client sends H P O R*25 L messages (one ENQ...EOT session
+   each, 240-character frames, waiting for every ACK) into `labrelay run` on SQLite;
+   prints messages/s and per-message latency p50/p99.
+2. RS-232 at 9600 baud over a pty: the engine reads the pty through Twisted's SerialPort;
+   the sender paces its bytes at the line rate (8N1: 960 bytes/s) and waits for each ACK,
+   as a real line would. Prints achieved bytes/s (protocol bytes included, both ways) as
+   a share of the line rate.
+
+    .venv/bin/python bench/ingest_astm.py [--messages 1000] [--serial-messages 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.ingest_hl7 import TESTS, prepare_database  # noqa: E402
+from drivers.astm.files import wire_frames  # noqa: E402
+
+ENQ, ACK, NAK, EOT = b"\x05", b"\x06", b"\x15", b"\x04"
+LINE_BYTES_PER_SECOND = 9600 / 10  # 8N1: start + 8 data + stop bits
+
+
+def astm_message(specimen_id: str) -> bytes:
+    records = [
+        "H|\\^&|||BENCH^1.0^SN1|||||||P|LIS2-A2|20261125120000",
+        "P|1||BENCHPID",
+        f"O|1|{specimen_id}||^^^T01|R||||||N||||||||||||||F",
+    ]
+    for n, code in enumerate(TESTS, start=1):
+        records.append(f"R|{n}|^^^{code}|{4 + n / 10:.2f}|mmol/L|3.0 to 9.0|N||F||||"
+                       "20261125115900|BENCH")
+    records.append("L|1|N")
+    return ("\r".join(records) + "\r").encode("latin-1")
+
+
+def mapping_yaml() -> str:
+    lines = ["metadata: {analyzer: bench, protocol: astm, version: '1'}", "tests:"]
+    for code in TESTS:
+        lines += [f"  {code}:", f"    test: {code}", "    units: {ucum: mmol/L}"]
+    return "\n".join(lines) + "\n"
+
+
+def config_yaml(mapping: Path, *, port: int | None = None, device: str | None = None) -> str:
+    transport = (f"listen: tcp:{port}:interface=127.0.0.1" if port is not None
+                 else f"serial: {{device: {device}, baudrate: 9600}}")
+    return f"""
+database: sqlite:///unused.db
+interfaces:
+  - name: bench-astm
+    protocol: astm
+    driver: astm-generic
+    mapping: {mapping}
+    transport:
+      {transport}
+"""
+
+
+class Line:
+    """The instrument side of the link over a socket or a pty fd."""
+
+    def __init__(self, send: object, recv: object, pace: bool) -> None:
+        self.send, self.recv, self.pace = send, recv, pace
+        self.bytes_moved = 0
+
+    def write(self, data: bytes) -> None:
+        if self.pace:
+            time.sleep(len(data) / LINE_BYTES_PER_SECOND)  # the wire's own time, not a test wait
+        self.send(data)  # type: ignore[operator]
+        self.bytes_moved += len(data)
+
+    def reply(self, timeout: float = 30.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            data = self.recv()  # type: ignore[operator]
+            if data:
+                self.bytes_moved += len(data)
+                for byte in data:
+                    if bytes([byte]) in (ACK, NAK, EOT):
+                        return bytes([byte])
+        raise TimeoutError("no reply within 30 s")
+
+    def session(self, text: bytes) -> None:
+        self.write(ENQ)
+        if self.reply() != ACK:
+            raise RuntimeError("ENQ not acknowledged")
+        for frame in wire_frames(text):
+            for _attempt in range(6):
+                self.write(frame)
+                if self.reply() == ACK:
+                    break
+            else:
+                raise RuntimeError("frame refused 6 times")
+        self.write(EOT)
+
+
+def start_engine(config: Path, url: str, workdir: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, LABRELAY_DATABASE_URL=url, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "engine", "--log-format", "json", "run",
+                             "--config", str(config)], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_engine(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def bench_tcp(workdir: Path, mapping: Path, count: int) -> None:
+    from bench.ingest_hl7 import _wait_listening, free_port
+
+    url = f"sqlite:///{workdir / 'astm-tcp.db'}"
+    prepare_database(url, count)
+    port = free_port()
+    config = workdir / "astm-tcp.yaml"
+    config.write_text(config_yaml(mapping, port=port))
+    process = start_engine(config, url, workdir)
+    try:
+        _wait_listening(port, process)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(30)
+        line = Line(sock.sendall, lambda: sock.recv(64), pace=False)
+        latencies = []
+        started = time.perf_counter()
+        for i in range(count):
+            t0 = time.perf_counter()
+            line.session(astm_message(f"B{i:07d}"))
+            latencies.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+        sock.close()
+    finally:
+        stop_engine(process)
+    latencies.sort()
+    print(f"TCP, SQLite, 25 results/message: {count / elapsed:7.0f} msg/s   "
+          f"p50 {statistics.median(latencies) * 1000:5.1f} ms   "
+          f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:5.1f} ms")
+
+
+def bench_serial(workdir: Path, mapping: Path, count: int) -> None:
+    import termios
+    import tty
+
+    url = f"sqlite:///{workdir / 'astm-serial.db'}"
+    prepare_database(url, count)
+    master, slave = os.openpty()
+    tty.setraw(master)
+    device = os.ttyname(slave)
+    config = workdir / "astm-serial.yaml"
+    config.write_text(config_yaml(mapping, device=device))
+    process = start_engine(config, url, workdir)
+    os.set_blocking(master, False)
+
+    def recv() -> bytes:
+        try:
+            return os.read(master, 64)
+        except BlockingIOError:
+            time.sleep(0.0005)
+            return b""
+
+    try:
+        time.sleep(3)  # the engine opens the pty; nothing to poll for on a serial line
+        line = Line(lambda data: os.write(master, data), recv, pace=True)
+        started = time.perf_counter()
+        for i in range(count):
+            line.session(astm_message(f"B{i:07d}"))
+        elapsed = time.perf_counter() - started
+    finally:
+        stop_engine(process)
+        termios.tcflush(master, termios.TCIOFLUSH)
+        os.close(master)
+        os.close(slave)
+    rate = line.bytes_moved / elapsed
+    print(f"RS-232 pty at 9600 baud: {count} messages, {line.bytes_moved} bytes in "
+          f"{elapsed:.1f} s = {rate:.0f} bytes/s = {rate / LINE_BYTES_PER_SECOND:.1%} of the "
+          "line rate (protocol bytes counted)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--serial-messages", type=int, default=10)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="labrelay-astm-bench-"))
+    mapping = workdir / "bench-astm.yaml"
+    mapping.write_text(mapping_yaml())
+    bench_tcp(workdir, mapping, args.messages)
+    bench_serial(workdir, mapping, args.serial_messages)
+
+
+if __name__ == "__main__":
+    main()

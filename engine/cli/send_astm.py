@@ -1,0 +1,110 @@
+"""`labrelay send astm --to HOST:PORT | --serial DEVICE FILE...`: play ASTM captures.
+
+Each file is read in any of the four corpus storage styles (session, frames with lost
+CR, one frame, plain records). Its frames go on the wire exactly as captured, bad
+checksums included, with the whole LIS01-A2 link layer as an instrument speaks it.
+One line per frame (``<file>#<session>.<frame> FN <n> <answer>``) and per message the
+other side sent back; exit status 1 if any session was not accepted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from drivers.astm.files import read_astm_file
+
+
+def _parse_target(to: str) -> tuple[str, int]:
+    host, sep, port_text = to.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise click.BadParameter(
+            f"{to!r} is not HOST:PORT (e.g. 127.0.0.1:5000)", param_hint="--to"
+        )
+    return host.strip("[]"), int(port_text)
+
+
+@click.command("send_astm")
+@click.option("--to", "to", default=None, help="Listener address, HOST:PORT.")
+@click.option("--serial", "serial", default=None, help="Serial device, e.g. /dev/ttyUSB0.")
+@click.option("--baud", "baud", type=int, default=9600, show_default=True, help="Serial speed.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1.0),
+    default=120.0,
+    show_default=True,
+    help="Seconds the whole exchange may take.",
+)
+@click.option(
+    "--listen-after",
+    "listen_after",
+    type=click.FloatRange(min=0.0),
+    default=5.0,
+    show_default=True,
+    help="Seconds to stay on the line after the last EOT for answers (host queries).",
+)
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def send_astm(
+    to: str | None,
+    serial: str | None,
+    baud: int,
+    files: tuple[str, ...],
+    timeout: float,
+    listen_after: float,
+) -> None:
+    """Send ASTM capture FILES to a receiver and print what it answered to each frame."""
+    if (to is None) == (serial is None):
+        raise click.UsageError("give exactly one of --to HOST:PORT or --serial DEVICE")
+    labels: list[str] = []
+    sessions: list[tuple[bytes, ...]] = []
+    for name in files:
+        capture = read_astm_file(Path(name).read_bytes())
+        if not capture.is_astm:
+            raise click.ClickException(f"{name}: {capture.not_astm_reason}")
+        for problem in capture.problems:
+            click.echo(f"{name}: note: {problem.describe()}", err=True)
+        for n, session in enumerate(capture.sessions, start=1):
+            labels.append(f"{name}#{n}")
+            sessions.append(session)
+
+    from twisted.internet import task
+
+    from engine.adapters.astm_send import SendReport
+    from engine.adapters.astm_send import send_astm as send
+
+    outcome: dict[str, SendReport] = {}
+    target: dict[str, Any] = {}
+    if to is not None:
+        target["host"], target["port"] = _parse_target(to)
+    else:
+        target["serial_device"] = serial
+        target["baudrate"] = baud
+
+    def main(reactor: Any) -> Any:
+        d = send(reactor, sessions, timeout=timeout, listen_after=listen_after, **target)
+        d.addCallback(lambda report: outcome.update(r=report))
+        return d
+
+    try:
+        task.react(main)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise click.ClickException("sending failed; see the messages above") from exc
+    report = outcome.get("r")
+    if report is None:
+        raise click.ClickException("no report: the exchange did not finish")
+    for frame in report.frames:
+        label = labels[frame.session] if 0 <= frame.session < len(labels) else "?"
+        click.echo(f"{label}.{frame.frame + 1} FN {frame.fn} {frame.answer}")
+    for index, reason in sorted(report.failed.items()):
+        click.echo(f"{labels[index]} NOT ACCEPTED: {reason}")
+    for n, message in enumerate(report.received, start=1):
+        first = message.split(b"\r", 1)[0].decode("latin-1", errors="replace")
+        click.echo(f"received #{n} ({len(message)} bytes): {first}")
+    if report.error:
+        click.echo(f"error: {report.error}", err=True)
+    if report.error or report.failed or len(report.completed) != len(sessions):
+        sys.exit(1)
