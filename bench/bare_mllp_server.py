@@ -14,14 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from twisted.internet import reactor  # noqa: E402
-from twisted.internet.defer import Deferred  # noqa: E402
-from twisted.internet.endpoints import serverFromString  # noqa: E402
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 
-from engine.adapters.mllp import MLLPServerFactory  # noqa: E402
-from engine.writer import DatabaseWriter  # noqa: E402
-from lis_bridge.db import make_engine, session_factory, upgrade  # noqa: E402
-from lis_bridge.models import RawMessage  # noqa: E402
+from engine.adapters.mllp import MLLPServerFactory
+from engine.writer import DatabaseWriter
+from lis_bridge.db import make_engine, session_factory, upgrade
+from lis_bridge.models import RawMessage
 
 
 class StoreOnly:

@@ -144,7 +144,9 @@ async def _connection(port: int, messages: list[bytes], latencies: list[float]) 
     return failures
 
 
-async def _load(port: int, connections: int, messages: list[bytes]) -> tuple[float, list[float], int]:
+async def _load(
+    port: int, connections: int, messages: list[bytes]
+) -> tuple[float, list[float], int]:
     per = [messages[i::connections] for i in range(connections)]
     latencies: list[float] = []
     started = time.perf_counter()
@@ -192,12 +194,14 @@ def run_case(label: str, command: list[str], env: dict[str, str], port: int, con
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--postgres", default=os.environ.get("LABRELAY_BENCH_POSTGRES", DEFAULT_PG))
+    parser.add_argument("--postgres",
+                        default=os.environ.get("LABRELAY_BENCH_POSTGRES", DEFAULT_PG))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="labrelay-bench-"))
     mapping = workdir / "bench.yaml"
     mapping.write_text(mapping_yaml())
-    print(f"ORU^R01 with 25 OBX; {args.messages} messages per case; python {sys.version.split()[0]}")
+    version = sys.version.split()[0]
+    print(f"ORU^R01 with 25 OBX; {args.messages} messages per case; python {version}")
     databases = [("sqlite", f"sqlite:///{workdir / 'bench.db'}")]
     pg = fresh_postgres(args.postgres)
     if pg:

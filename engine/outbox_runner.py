@@ -50,6 +50,7 @@ from lis_bridge.notifications import (
     mark_delivered,
     mark_failed,
     notification_settings_from_config,
+    reroute_unrouted,
 )
 from lis_bridge.outbox import RetryPolicy, claim_due, complete, fail, payload_of
 from lis_bridge.reports import (
@@ -129,6 +130,8 @@ class OutboxWork:
                 job.next_attempt_at = now
                 job.updated_at = now
                 job.last_error = "requeued: the worker stopped while the job was running"
+            # Notifications stored without a channel get one if a route was added since.
+            reroute_unrouted(session, self.notification_settings, now)
             return len(stale)
 
     def claim_render_jobs(self, now: datetime) -> list[RenderTask]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,10 +40,8 @@ class EngineProcess:
         for line in self.process.stdout:
             with self._lock:
                 self.raw_lines.append(line)
-                try:
+                with contextlib.suppress(ValueError):
                     self.lines.append(json.loads(line))
-                except ValueError:
-                    pass
 
     def events(self, name: str) -> list[dict[str, object]]:
         with self._lock:

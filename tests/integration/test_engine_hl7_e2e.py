@@ -165,7 +165,8 @@ def test_sigkill_loses_no_acknowledged_message(db_url: str, tmp_path: Path) -> N
         ).all()
     stored = [control for control, _status in rows]
     for control in acked_first:
-        assert stored.count(control) == 1, f"{control} was ACKed but stored {stored.count(control)}x"
+        count = stored.count(control)
+        assert count == 1, f"{control} was ACKed but stored {count} times"
     assert len(set(stored)) == len(stored) == len(messages)
     assert len(acked_second) == len(messages)
 
