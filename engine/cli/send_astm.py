@@ -102,8 +102,11 @@ def send_astm(
     for index, reason in sorted(report.failed.items()):
         click.echo(f"{labels[index]} NOT ACCEPTED: {reason}")
     for n, message in enumerate(report.received, start=1):
-        first = message.split(b"\r", 1)[0].decode("latin-1", errors="replace")
-        click.echo(f"received #{n} ({len(message)} bytes): {first}")
+        # The whole answer, a record a line: this is how an analyst checks a worklist.
+        click.echo(f"received #{n} ({len(message)} bytes):")
+        for record in message.decode("latin-1", errors="replace").split("\r"):
+            if record:
+                click.echo(f"  {record}")
     if report.error:
         click.echo(f"error: {report.error}", err=True)
     if report.error or report.failed or len(report.completed) != len(sessions):
