@@ -122,17 +122,19 @@ def test_bad_checksum_is_naked_and_retransmission_accepted(db_url: str, tmp_path
     good = _frame(1, text)
     bad = good[:-4] + (b"00" if good[-4:-2] != b"00" else b"01") + b"\r\n"
     port = free_port()
-    with running_engine(write_config(tmp_path, f"listen: tcp:{port}:interface=127.0.0.1"),
-                        db_url, tmp_path):
-        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.sendall(ENQ)
-            assert _reply(sock) == ACK
-            sock.sendall(bad)
-            assert _reply(sock) == NAK
-            sock.sendall(good)
-            assert _reply(sock) == ACK  # only after the message was committed (DESIGN rule 1)
-            sock.sendall(EOT)
+    config = write_config(tmp_path, f"listen: tcp:{port}:interface=127.0.0.1")
+    with (
+        running_engine(config, db_url, tmp_path),
+        socket.create_connection(("127.0.0.1", port), timeout=20) as sock,
+    ):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(ENQ)
+        assert _reply(sock) == ACK
+        sock.sendall(bad)
+        assert _reply(sock) == NAK
+        sock.sendall(good)
+        assert _reply(sock) == ACK  # only after the message was committed (DESIGN rule 1)
+        sock.sendall(EOT)
     with session_factory(make_engine(db_url))() as session:
         rows = session.scalars(select(RawMessage)).all()
         assert [r.status for r in rows] == [MessageStatus.APPLIED]
