@@ -223,6 +223,7 @@ def apply_stored(
         result.hold_reason, result.hold_detail = hold.reason, hold.detail
         log.warning("message.held", interface=rt.name, message_id=row.id, reason=hold.reason,
                     control_id=message.control_id)
+        _alert_held(session, rt, row, hold)
         return result
     row.status = MessageStatus.APPLIED
     row.hold_reason = ""
@@ -232,6 +233,22 @@ def apply_stored(
     log.info("message.applied", interface=rt.name, message_id=row.id, result_count=applied,
              control_id=message.control_id)
     return result
+
+
+def _alert_held(session: Session, rt: InterfaceRuntime, row: RawMessage, hold: _Hold) -> None:
+    """A held message raises an engine alert in the same transaction (outbox): a misprinted
+    barcode or a missing mapping must reach a person, not wait in a table."""
+    from lis_bridge.outbox import enqueue
+
+    specimens = ", ".join(s.specimen_id for s in row.specimens)[:200]
+    enqueue(session, "notify", f"notify:held:{row.id}:{row.attempts}", {
+        "kind": "engine_alert",
+        "severity": "warning",
+        "message": f"message #{row.id} on {rt.name} is held: {hold.reason}",
+        "detail": hold.detail[:500],
+        "interface": rt.name,
+        "specimen_id": specimens,
+    })
 
 
 def _apply_results(
