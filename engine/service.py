@@ -8,6 +8,7 @@ nothing acknowledged is half-written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import structlog
@@ -63,6 +64,9 @@ class EngineService(MultiService):
         self.writer: DatabaseWriter | None = None
         self.pipeline: Pipeline | None = None
         self.ready: Deferred[None] = Deferred()
+        self.attention: dict[str, Any] = {}
+        self.started_at = datetime.now(UTC)
+        self._attention_loop: Any = None
 
     # ------------------------------------------------------------------ start
 
@@ -91,6 +95,11 @@ class EngineService(MultiService):
         self.pipeline = Pipeline(self.writer, self.runtimes, node_name=self.config.node_name)
         starts = [self._start_interface(self.runtimes[name].config) for name in self.runtimes]
         self._resume_unapplied()
+        from twisted.internet.task import LoopingCall
+
+        self._attention_loop = LoopingCall(self._refresh_attention)
+        self._attention_loop.clock = self.reactor
+        self._attention_loop.start(10.0, now=True)
         self._start_outbox()
         self._start_admin()
         super().startService()
@@ -109,6 +118,37 @@ class EngineService(MultiService):
         state.reason = reason
         log.error("interface.failed", interface=state.name, transport=state.transport,
                   reason=reason)
+        self._alert(f"interface {state.name} is down: it could not start", reason, state.name)
+
+    def _alert(self, message: str, detail: str, interface: str) -> None:
+        """An engine alert through the outbox (notifications with retries and escalation)."""
+        if self.writer is None:
+            return
+        from lis_bridge.outbox import enqueue
+
+        key = f"notify:engine:{interface}:{message}:{self.started_at:%Y%m%d%H%M%S}"
+
+        def work(session: Any) -> None:
+            enqueue(session, "notify", key[:200], {
+                "kind": "engine_alert", "severity": "error", "message": message,
+                "detail": detail[:500], "interface": interface,
+            })
+
+        self.writer.submit(work).addErrback(
+            lambda f: log.error("engine.alert.not_stored", error=f.getErrorMessage()[:200]))
+
+    def _refresh_attention(self) -> None:
+        """Database counts for /status, refreshed off the reactor thread."""
+        if self.writer is None:
+            return
+        from lis_bridge.health import attention_summary
+
+        def store(summary: dict[str, Any]) -> None:
+            self.attention = summary
+
+        self.writer.submit(attention_summary).addCallbacks(
+            store, lambda f: log.warning("engine.status.refresh_failed",
+                                         error=f.getErrorMessage()[:200]))
 
     def _start_interface(self, iface: InterfaceConfig) -> Deferred[Any]:
         state = self.interface_states[iface.name]
@@ -307,7 +347,9 @@ class EngineService(MultiService):
             })
         return {
             "node": self.config.node_name,
+            "started_at": self.started_at.isoformat(),
             "interfaces": interfaces,
+            "attention": self.attention,
             "writer": {
                 "backlog": writer.backlog if writer else 0,
                 "batches": writer.stats.batches if writer else 0,
