@@ -43,6 +43,78 @@ class ASTMOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """TLS on a listener, given as ``transport.tls`` beside a ``tcp:`` listen string.
+
+    Twisted's ``ssl:`` endpoint string cannot demand a client certificate (its parser
+    accepts privateKey, certKey, extraCertChain, dhParameters, sslmethod only), so mutual
+    TLS needs this block: with ``client_ca`` the server requires a certificate signed by
+    one of the CAs in that PEM file and refuses the handshake otherwise.
+    """
+
+    certificate: Path  # PEM: the server certificate (and optionally its chain after it)
+    private_key: Path  # PEM: the server's private key
+    client_ca: Path | None = None  # PEM: CA certificate(s) client certificates must chain to
+
+    @property
+    def mutual(self) -> bool:
+        return self.client_ca is not None
+
+    def server_options(self) -> Any:
+        """A Twisted ``CertificateOptions`` for the listener (raises ValueError/OSError)."""
+        from OpenSSL import crypto
+        from twisted.internet import ssl
+
+        cert_pem = self.certificate.read_bytes()
+        key_pem = self.private_key.read_bytes()
+        certs = _pem_certificates(cert_pem, self.certificate)
+        try:
+            server = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + key_pem)
+        except (crypto.Error, ValueError) as exc:
+            raise ValueError(
+                f"{self.private_key} is not a PEM private key matching {self.certificate}: {exc}"
+            ) from exc
+        chain = [ssl.Certificate.loadPEM(c).original for c in certs[1:]] or None
+        if self.client_ca is None:
+            return ssl.CertificateOptions(
+                privateKey=server.privateKey.original,
+                certificate=server.original,
+                extraCertChain=chain,
+            )
+        ca_certs = [
+            ssl.Certificate.loadPEM(c).original
+            for c in _pem_certificates(self.client_ca.read_bytes(), self.client_ca)
+        ]
+        return ssl.CertificateOptions(
+            privateKey=server.privateKey.original,
+            certificate=server.original,
+            extraCertChain=chain,
+            verify=True,
+            requireCertificate=True,
+            caCerts=ca_certs,
+        )
+
+
+_PEM_CERT = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def _pem_certificates(data: bytes, path: Path) -> list[bytes]:
+    from OpenSSL import crypto
+
+    found = _PEM_CERT.findall(data)
+    if not found:
+        raise ValueError(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    for pem in found:
+        try:
+            crypto.load_certificate(crypto.FILETYPE_PEM, pem)
+        except crypto.Error as exc:
+            raise ValueError(f"{path} holds an unreadable certificate: {exc}") from exc
+    return list(found)
+
+
+@dataclass(frozen=True, slots=True)
 class InterfaceConfig:
     name: str
     protocol: str  # hl7 | astm
@@ -65,10 +137,14 @@ class InterfaceConfig:
     accept_unordered: bool = False
     astm: ASTMOptions = field(default_factory=ASTMOptions)
     enabled: bool = True
+    tls: TLSSettings | None = None
 
     @property
     def transport_summary(self) -> str:
         if self.listen:
+            if self.tls is not None:
+                kind = "mutual TLS" if self.tls.mutual else "TLS"
+                return f"listen {self.listen} ({kind})"
             return f"listen {self.listen}"
         if self.connect:
             return f"connect {self.connect}"
@@ -128,6 +204,8 @@ class EngineConfig:
     database: str = DEFAULT_DATABASE_URL
     node_name: str = "labrelay"
     capture_dir: Path = Path("captures")
+    capture_max_bytes: int = 100 * 1024 * 1024  # a capture file is rotated at this size
+    capture_keep: int = 5  # rotated files kept per interface and day
     interfaces: tuple[InterfaceConfig, ...] = ()
     reports: ReportsConfig = field(default_factory=ReportsConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
@@ -161,8 +239,17 @@ def _compose(text: str) -> _Node | None:
         loader.dispose()
 
 
+_STANDARD_TAGS = ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                  "tag:yaml.org,2002:bool", "tag:yaml.org,2002:null", "tag:yaml.org,2002:map",
+                  "tag:yaml.org,2002:seq", "tag:yaml.org,2002:timestamp")
+
+
 def _convert(loader: yaml.SafeLoader, node: yaml.Node) -> _Node:
     line = node.start_mark.line + 1
+    if node.tag not in _STANDARD_TAGS:
+        # Nothing from a file is turned into an object: a python/... tag is refused outright.
+        raise yaml.MarkedYAMLError(problem=f"the tag {node.tag!r} is not allowed",
+                                   problem_mark=node.start_mark)
     if isinstance(node, yaml.MappingNode):
         children: dict[str, _Node] = {}
         for key_node, value_node in node.value:
@@ -312,6 +399,10 @@ def _endpoint_check(server: bool) -> Callable[[str], str | None]:
                 endpoints.clientFromString(reactor, value)
         except (ValueError, TypeError, KeyError) as exc:
             return f"not a valid Twisted endpoint string ({exc}); example: {example}"
+        except OSError as exc:  # ssl: reads its key and certificate files while parsing
+            return f"cannot read a file it names: {exc}"
+        except Exception as exc:  # noqa: BLE001 - pyOpenSSL raises its own Error for bad PEM
+            return f"its TLS key or certificate cannot be loaded: {exc}"
         if server and value.startswith(("tcp:", "ssl:")) and "interface=" not in value:
             return (
                 "a listener must name the address it binds to, e.g. "
@@ -347,6 +438,7 @@ def _interface(r: _Reader, base: Path, names: set[str]) -> InterfaceConfig | Non
     transport = r.sub("transport")
     listen = connect = None
     serial = None
+    tls = None
     if transport is None:
         r.error(r.node.line, r._key("transport"),
                 "is required: one of listen: <endpoint>, connect: <endpoint>, serial: {...}")
@@ -365,6 +457,7 @@ def _interface(r: _Reader, base: Path, names: set[str]) -> InterfaceConfig | Non
                 stopbits=serial_r.get("stopbits", (int, float), 1, check=_one_of(1, 1.5, 2)),
             )
             serial_r.finish()
+        tls = _tls(transport.sub("tls"), base, listen)
         chosen = [x for x in (listen, connect, serial) if x]
         if len(chosen) != 1 and not any("transport" in e for e in r.errors[-3:]):
             transport.error(transport.node.line, transport.path,
@@ -439,11 +532,52 @@ def _interface(r: _Reader, base: Path, names: set[str]) -> InterfaceConfig | Non
         accept_unordered=r.get("accept_unordered", bool, False),
         astm=astm,
         enabled=r.get("enabled", bool, True),
+        tls=tls,
     )
     r.finish()
     if name:
         names.add(name)
     return iface
+
+
+def _tls(r: _Reader | None, base: Path, listen: str | None) -> TLSSettings | None:
+    """``transport.tls``: certificate, private_key, optional client_ca (mutual TLS)."""
+    if r is None:
+        return None
+
+    def path_of(key: str, required: bool) -> Path | None:
+        text = r.get(key, str, None, required=required, expected="a PEM file path")
+        if not text:
+            return None
+        path = Path(text)
+        if not path.is_absolute() and not path.exists():
+            path = base / path  # like mappings: the working directory, then beside the config
+        if not path.is_file():
+            r.error(r.node.line, r._key(key), f"file {text} does not exist")
+            return None
+        return path
+
+    certificate = path_of("certificate", True)
+    private_key = path_of("private_key", True)
+    client_ca = path_of("client_ca", False)
+    r.finish()
+    if listen is None:
+        r.error(r.node.line, r.path, "TLS settings apply to a listener: set transport.listen")
+        return None
+    if not listen.startswith(("tcp:", "tcp6:")):
+        r.error(r.node.line, r.path,
+                "with a tls block the listen string must be tcp:PORT:interface=ADDRESS (labrelay "
+                "adds TLS itself); for TLS without client certificates an ssl: string alone works")
+        return None
+    if certificate is None or private_key is None:
+        return None
+    settings = TLSSettings(certificate, private_key, client_ca)
+    try:
+        settings.server_options()
+    except (OSError, ValueError) as exc:
+        r.error(r.node.line, r.path, f"cannot load the TLS files: {exc}")
+        return None
+    return settings
 
 
 def _reports(r: _Reader | None) -> ReportsConfig:
@@ -532,6 +666,11 @@ def parse_config(text: str, source: Path) -> EngineConfig:
     database = top.get("database", str, DEFAULT_DATABASE_URL)
     node_name = top.get("node_name", str, "labrelay")
     capture_dir = Path(top.get("capture_dir", str, "captures"))
+    capture_max_bytes = top.get(
+        "capture_max_bytes", int, 100 * 1024 * 1024,
+        check=lambda v: None if v >= 65536 else "must be at least 65536 (64 KiB)")
+    capture_keep = top.get("capture_keep", int, 5,
+                           check=lambda v: None if v >= 0 else "must be 0 or more")
     interfaces: list[InterfaceConfig] = []
     names: set[str] = set()
     for index, item in top.items("interfaces"):
@@ -559,6 +698,8 @@ def parse_config(text: str, source: Path) -> EngineConfig:
         database=database,
         node_name=node_name,
         capture_dir=capture_dir,
+        capture_max_bytes=capture_max_bytes,
+        capture_keep=capture_keep,
         interfaces=tuple(interfaces),
         reports=reports,
         notifications=notifications,

@@ -55,7 +55,16 @@ def send_astm(
     timeout: float,
     listen_after: float,
 ) -> None:
-    """Send ASTM capture FILES to a receiver and print what it answered to each frame."""
+    """Send ASTM capture FILES to a receiver and print what it answered to each frame.
+
+    Reads all four storage styles of captures (full sessions, frames, one frame, plain
+    records). Exits 1 if any message was not accepted.
+
+    \b
+    Examples:
+      labrelay send astm --to 127.0.0.1:5001 ../shared/corpus/astm/roche_cobas_c311__1.txt
+      labrelay send astm --serial /dev/ttyUSB0 --baud 9600 results.astm
+    """
     if (to is None) == (serial is None):
         raise click.UsageError("give exactly one of --to HOST:PORT or --serial DEVICE")
     labels: list[str] = []

@@ -49,7 +49,15 @@ def result_lines(labels: Sequence[str], results: Sequence[AckResult]) -> list[st
 @click.option("--tls", is_flag=True, help="Connect with TLS.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def send_hl7(to: str, files: tuple[str, ...], timeout: float, tls: bool) -> None:
-    """Send HL7 message FILES over MLLP and print each ACK."""
+    """Send HL7 message FILES over MLLP and print each ACK.
+
+    A file may hold one or many messages (segments ended by CR, LF or CRLF). Exits 1 if
+    any message was not accepted (AA or CA).
+
+    \b
+    Example:
+      labrelay send hl7 --to 127.0.0.1:2575 fixtures/oru_DEMO0001.hl7
+    """
     host, port = parse_target(to)
     labels: list[str] = []
     messages: list[bytes] = []

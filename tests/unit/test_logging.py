@@ -1,0 +1,48 @@
+"""No patient data in logs: the PHI processor removes names, birth dates, patient ids and
+result values even when a caller passes them by mistake."""
+
+from __future__ import annotations
+
+import logging
+
+import structlog
+from structlog.testing import capture_logs
+
+from engine.logging import configure_logging, redact_phi
+
+
+def test_phi_keys_never_reach_a_log_line() -> None:
+    log = structlog.get_logger("test")
+    with capture_logs(processors=[redact_phi]) as events:
+        log.info("lis.result.written", patient_name="Testperson Alma", birth_date="1961-04-12",
+                 patient_id="PX-1001", value="6.8", sample_id="DEMO0001", interface="demo")
+    (event,) = events
+    for key in ("patient_name", "birth_date", "patient_id", "value"):
+        assert event[key] == "[redacted]"
+    assert event["sample_id"] == "DEMO0001"  # specimen ids are not patient data
+    assert event["interface"] == "demo"
+
+
+def test_segments_inside_free_text_are_scrubbed() -> None:
+    log = structlog.get_logger("test")
+    with capture_logs(processors=[redact_phi]) as events:
+        log.warning("decode.failed", error="bad field in PID|1||PX-1001||Testperson^Alma||19610412"
+                    "\rOBX|1|NM|K^Potassium||6.8|mmol/L", chunk=b"MSH|...PID|1||PX-1001")
+    text = repr(events)
+    for secret in ("PX-1001", "Testperson", "19610412", "6.8"):
+        assert secret not in text
+    assert events[0]["chunk"] == "<21 bytes>"
+
+
+def test_astm_patient_record_in_text_is_scrubbed() -> None:
+    with capture_logs(processors=[redact_phi]) as events:
+        structlog.get_logger("t").info("astm.x", detail="P|1||PX-77||Doe^Jane||19800101|F")
+    assert "Doe" not in repr(events) and "PX-77" not in repr(events)
+
+
+def test_configured_chain_includes_the_filter(capsys: object) -> None:
+    configure_logging("json", level=logging.INFO)
+    structlog.get_logger("t").info("x.y", patient_name="Someone Real", sample_id="S1")
+    logging.getLogger().handlers[0].flush()
+    out = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert "Someone Real" not in out and '"sample_id": "S1"' in out
