@@ -1,0 +1,155 @@
+"""The message path against a real database: per-sample order behind a held message,
+reprocess in arrival order, the after_commit ACK policy, and a database that is down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from drivers.registry import create_driver
+from engine.config import InterfaceConfig
+from engine.mapping import load_mapping
+from engine.pipeline import HL7Handler, InterfaceRuntime, Pipeline, ingest, reprocess
+from engine.writer import DatabaseWriter
+from lis_bridge.db import make_engine, session_factory, upgrade
+from lis_bridge.models import MessageStatus, OutboxJob, RawMessage
+from lis_bridge.orders import import_orders_csv
+from lis_bridge.results import UNKNOWN_SPECIMEN
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def runtime(ack_policy: str = "after_apply") -> InterfaceRuntime:
+    config = InterfaceConfig(name="t-hl7", protocol="hl7", driver="hl7-generic",
+                             mapping=REPO / "mappings" / "generic_hl7.yaml",
+                             listen="tcp:0:interface=127.0.0.1", ack_policy=ack_policy)
+    return InterfaceRuntime(config, create_driver("hl7-generic", "hl7"),
+                            load_mapping(REPO / "mappings" / "generic_hl7.yaml"))
+
+
+def oru(control_id: str, specimen_id: str, code: str = "GLU", value: str = "5.4",
+        status: str = "F") -> bytes:
+    return (f"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ORU^R01|{control_id}|P|2.5.1\r"
+            f"OBR|1|{specimen_id}|{specimen_id}|CHEM\r"
+            f"OBX|1|NM|{code}^x||{value}|mmol/L|3.9-6.1||||{status}\r").encode()
+
+
+ORDERS = (
+    "specimen_id,patient_id,patient_name,sex,birth_date,tests,collected_at,location\n"
+    "P-1,PX-1,A B,F,1970-01-01,GLU NA,2025-01-01T08:00:00Z,Ward\n"
+    "P-2,PX-2,C D,M,1970-01-01,GLU,2025-01-01T08:00:00Z,Ward\n"
+)
+
+
+def apply(sessions: sessionmaker[Session], rt: InterfaceRuntime, raw: bytes):  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        result = ingest(session, rt, raw, "127.0.0.1:1")
+        session.commit()
+        return result
+
+
+def test_later_messages_wait_behind_a_held_one_and_release_in_order(sessions) -> None:  # type: ignore[no-untyped-def]
+    """DESIGN rule 4: while P-1 has a held message, its later messages are held behind it;
+    other samples are not blocked; reprocessing releases them in arrival order."""
+    rt = runtime()
+    first = apply(sessions, rt, oru("m1", "P-1"))  # not yet ordered: unknown specimen
+    assert first.outcome == "held" and first.hold_reason == UNKNOWN_SPECIMEN
+    second = apply(sessions, rt, oru("m2", "P-1", code="NA", value="140"))
+    assert second.outcome == "held" and second.hold_reason == "BEHIND_HELD"
+    assert f"#{first.message_id}" in second.hold_detail
+    with sessions() as session:
+        report = import_orders_csv(session, ORDERS, actor="t")
+        assert report.ok
+        session.commit()
+    other = apply(sessions, rt, oru("m3", "P-2"))
+    # P-2 is not blocked by P-1's held message: it is held for its own reason only
+    assert other.hold_reason == "NOT_RECEIVED"
+    # received at the lab, then reprocess: both apply, first one first
+    from lis_bridge.lifecycle import transition
+    from lis_bridge.models import Sample
+
+    with sessions() as session:
+        sample = session.scalars(select(Sample).where(Sample.specimen_id == "P-1")).one()
+        transition(session, sample, "RECEIVED_AT_LAB", actor="t", location="Lab")
+        session.commit()
+    with sessions() as session:
+        assert reprocess(session, rt, second.message_id).hold_reason == "BEHIND_HELD"
+        session.rollback()
+    for message_id in (first.message_id, second.message_id):
+        with sessions() as session:
+            assert reprocess(session, rt, message_id).status == MessageStatus.APPLIED
+            session.commit()
+    with sessions() as session:
+        alerts = session.scalars(select(OutboxJob).where(OutboxJob.kind == "notify")).all()
+        assert any("held" in a.payload for a in alerts)  # a held message raised an alert
+
+
+def test_duplicate_is_receipted_not_applied(sessions) -> None:  # type: ignore[no-untyped-def]
+    rt = runtime()
+    with sessions() as session:
+        import_orders_csv(session, ORDERS, actor="t")
+        session.commit()
+    first = apply(sessions, rt, oru("d1", "P-9"))
+    again = apply(sessions, rt, oru("d1", "P-9"))
+    assert again.outcome == "duplicate"
+    with sessions() as session:
+        rows = session.scalars(select(RawMessage).order_by(RawMessage.id)).all()
+        assert rows[1].duplicate_of_fk == first.message_id
+        assert rows[1].payload == oru("d1", "P-9")  # the bytes are kept all the same
+
+
+def test_undecodable_bytes_are_kept(sessions) -> None:  # type: ignore[no-untyped-def]
+    rt = runtime()
+    junk = b"MSH|^~\\&|\rthis is not hl7\x00\xff"
+    result = apply(sessions, rt, junk)
+    assert result.outcome == "rejected"
+    with sessions() as session:
+        row = session.get(RawMessage, result.message_id)
+        assert row is not None and row.payload == junk and row.status == MessageStatus.REJECTED
+
+
+class StorageDownTests(unittest.TestCase):
+    """DESIGN rule 2: with the database down no positive ACK leaves; the analyzer is told
+    to resend (AR with ERR), and the engine keeps serving."""
+
+    def test_ar_when_database_is_unreachable(self) -> None:
+        # A real connection attempt to a closed port on 127.0.0.1: the database is down.
+        engine = make_engine("postgresql+psycopg2://postgres@127.0.0.1:9/labrelay",
+                             connect_args={"connect_timeout": 2})
+        writer = DatabaseWriter(session_factory(engine), reactor)
+        writer.start()
+        self.addCleanup(writer.stop)
+        rt = runtime()
+        handler = HL7Handler(Pipeline(writer, {rt.name: rt}))
+        d = handler.message_received(oru("down-1", "P-1"), "127.0.0.1:5", rt.name)
+
+        def check(ack: bytes) -> None:
+            assert b"MSA|AR|down-1" in ack
+            assert b"resend" in ack and b"ERR|" in ack
+
+        d.addCallback(check)
+        return d
+
+    def test_after_commit_policy_acks_before_apply(self) -> None:
+        import tempfile
+
+        url = f"sqlite:///{tempfile.mkdtemp()}/lis.db"
+        engine = make_engine(url)
+        upgrade(engine)
+        writer = DatabaseWriter(session_factory(engine), reactor)
+        writer.start()
+        self.addCleanup(writer.stop)
+        rt = runtime("after_commit")
+        handler = HL7Handler(Pipeline(writer, {rt.name: rt}))
+        d = handler.message_received(oru("fast-1", "NOPE"), "127.0.0.1:5", rt.name)
+
+        def check(ack: bytes) -> None:
+            # AA once the bytes are committed; the outcome (held) shows in the engine
+            assert b"MSA|AA|fast-1" in ack
+
+        d.addCallback(check)
+        return d
