@@ -178,8 +178,6 @@ class EngineService(MultiService):
         return d
 
     def _start_hl7(self, iface: InterfaceConfig) -> Deferred[Any]:
-        from twisted.internet.endpoints import serverFromString
-
         from engine.adapters.mllp import MLLPServerFactory
 
         assert self.pipeline is not None
@@ -196,12 +194,41 @@ class EngineService(MultiService):
             clock=self.reactor,
         )
         self.factories[iface.name] = factory
-        return serverFromString(self.reactor, iface.listen).listen(factory)
+        return self._listen(iface, self._captured(iface, factory))
+
+    def _captured(self, iface: InterfaceConfig, factory: Any) -> Any:
+        """The interface's factory, wrapped to record every byte when capture is on
+        (DESIGN rule 7). Inside TLS, so the capture holds the plain text."""
+        if not iface.capture:
+            return factory
+        from engine.capture import CaptureFactory, CaptureFile
+
+        capture = CaptureFile(self.config.capture_dir, iface.name,
+                              max_bytes=self.config.capture_max_bytes,
+                              keep=self.config.capture_keep)
+        log.info("capture.enabled", interface=iface.name,
+                 directory=str(self.config.capture_dir))
+        return CaptureFactory(factory, capture)
+
+    def _listen(self, iface: InterfaceConfig, factory: Any) -> Deferred[Any]:
+        """Listen on ``transport.listen``; with a ``transport.tls`` block, TLS (mutual TLS
+        when it names client_ca) is added here, since an ssl: string cannot demand a
+        client certificate."""
+        from twisted.internet.endpoints import serverFromString
+
+        assert iface.listen is not None
+        endpoint = serverFromString(self.reactor, iface.listen)
+        if iface.tls is None:
+            return endpoint.listen(factory)
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        options = iface.tls.server_options()
+        return endpoint.listen(TLSMemoryBIOFactory(options, False, factory))
 
     def _start_astm(self, iface: InterfaceConfig) -> Deferred[Any]:
         """The same link core on a TCP listener, a TCP client or an RS-232 line."""
         from twisted.application.internet import ClientService, backoffPolicy
-        from twisted.internet.endpoints import clientFromString, serverFromString
+        from twisted.internet.endpoints import clientFromString
 
         from engine.adapters.astm import ASTMFactory, open_serial
 
@@ -221,18 +248,20 @@ class EngineService(MultiService):
             max_connections=iface.max_connections,
         )
         self.factories[iface.name] = factory
+        wrapped = self._captured(iface, factory)
         if iface.listen:
-            return serverFromString(self.reactor, iface.listen).listen(factory)
+            return self._listen(iface, wrapped)
         if iface.connect:
             endpoint = clientFromString(self.reactor, iface.connect)
-            client = ClientService(endpoint, cast(Any, factory), clock=self.reactor,
+            client = ClientService(endpoint, cast(Any, wrapped), clock=self.reactor,
                                    retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0))
             client.startService()
             self.closers.append(client.stopService)
             return defer.succeed(None)
         assert iface.serial is not None
         serial = iface.serial
-        port = open_serial(self.reactor, factory, serial.device, baudrate=serial.baudrate,
+        port = open_serial(self.reactor, cast(Any, wrapped), serial.device,
+                           baudrate=serial.baudrate,
                            bytesize=serial.bytesize, parity=serial.parity,
                            stopbits=serial.stopbits)
         self.closers.append(port.loseConnection)
