@@ -87,6 +87,7 @@ def transition(
     location: str | None = None,
     note: str = "",
     at: datetime | None = None,
+    flush: bool = True,
 ) -> SampleEvent:
     """Move ``sample`` to ``to_state`` and write its audit row in the caller's transaction.
 
@@ -94,6 +95,11 @@ def transition(
     to the session and flushed so the audit row can reference it. ``location`` (when given)
     becomes the sample's location; otherwise the event records where the sample already is.
     Raises :class:`InvalidTransition` naming both states and the specimen id.
+
+    ``flush=False`` leaves the state change and its audit row pending in the session (they
+    are still written by the caller's next flush or commit, together): for callers such as
+    :func:`lis_bridge.results.apply_results` that move a sample more than once per call and
+    do not need the event's id.
     """
     from_state = str(sample.state or NEW)
     target = str(to_state)
@@ -143,7 +149,8 @@ def transition(
         at=when,
     )
     session.add(event)
-    session.flush()
+    if flush:
+        session.flush()
     log.info(
         "lis.sample.transition",
         sample_id=sample.specimen_id,

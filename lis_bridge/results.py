@@ -30,19 +30,24 @@ Rules, in the words a laboratory uses:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from lis_bridge import lifecycle
 from lis_bridge.models import (
+    JobStatus,
     OrderedTest,
     OrderedTestStatus,
+    OutboxJob,
     Result,
     Sample,
     SampleState,
@@ -120,16 +125,62 @@ def _lock_sample(session: Session, specimen_id: str) -> Sample | None:
     return session.scalar(query)
 
 
-def _current_results(session: Session, sample: Sample) -> dict[str, Result]:
-    rows = session.scalars(
-        select(Result).where(Result.sample_fk == sample.id, Result.is_current.is_(True))
+@dataclass(slots=True)
+class _Stored:
+    """A stored result row as far as the resend / transition checks need it."""
+
+    id: int
+    status: str
+    value_text: str
+    value_number: Decimal | None
+    comparator: str
+    units: str
+    flag: str
+    is_critical: bool
+
+
+@dataclass(slots=True)
+class _Ordered:
+    id: int | None  # None: added by this call (accept_unordered), not flushed yet
+    status: str
+    row: OrderedTest | None = None  # the pending ORM object of an added test
+
+
+def _ordered(session: Session, sample: Sample) -> dict[str, _Ordered]:
+    rows = session.execute(
+        select(OrderedTest.test_code, OrderedTest.id, OrderedTest.status)
+        .where(OrderedTest.sample_fk == sample.id)
+        .order_by(OrderedTest.id)
     )
-    return {row.test_code: row for row in rows}
+    return {code: _Ordered(ident, status) for code, ident, status in rows}
 
 
-def _ordered(session: Session, sample: Sample) -> dict[str, OrderedTest]:
-    rows = session.scalars(select(OrderedTest).where(OrderedTest.sample_fk == sample.id))
-    return {row.test_code: row for row in rows}
+def _result_history(session: Session, sample: Sample) -> tuple[dict[str, _Stored], int]:
+    """The sample's current result per test, and how many result rows it has in all.
+
+    One query for both: the count names the render job (see :func:`enqueue_render`).
+    """
+    rows = session.execute(
+        select(Result.test_code, Result.is_current, Result.id, Result.status, Result.value_text,
+               Result.value_number, Result.comparator, Result.units, Result.flag,
+               Result.is_critical)
+        .where(Result.sample_fk == sample.id)
+        .order_by(Result.id)
+    ).all()
+    current = {row[0]: _Stored(*row[2:]) for row in rows if row[1]}
+    return current, len(rows)
+
+
+def _sync_loaded(session: Session, model: type[Any], ident: int, **values: Any) -> None:
+    """Keep an ORM object this session already holds in step with a Core UPDATE.
+
+    The bulk writes below bypass the unit of work; without this a caller that loaded the
+    row earlier in the same session (a test, a CLI command) would read the old values.
+    """
+    obj = session.identity_map.get(session.identity_key(model, ident))
+    if obj is not None:
+        for key, value in values.items():
+            set_committed_value(obj, key, value)
 
 
 def _comments(item: ResultInput) -> str:
@@ -143,7 +194,7 @@ def _number(item: ResultInput) -> Decimal | None:
     return number
 
 
-def _same_value(row: Result, item: ResultInput) -> bool:
+def _same_value(row: _Stored, item: ResultInput) -> bool:
     number = _number(item)
     stored = row.value_number
     same_number = (stored is None and number is None) or (
@@ -235,7 +286,7 @@ def apply_results(
         )
 
     released = state in (SampleState.COMPLETED, SampleState.REPORTED)
-    current = _current_results(session, sample)
+    current, row_count = _result_history(session, sample)
     plan: list[ResultInput] = []
     unchanged = 0
     seen: dict[str, ResultInput] = {}
@@ -279,89 +330,162 @@ def apply_results(
         return ApplyOutcome(unchanged=unchanged, sample_state=state)
 
     # --- writes
+    # A 25-result message used to cost ~30 ORM flushes (one per result for its id, more
+    # for transitions and the completion check). Instead: one multi-row INSERT of the
+    # results (RETURNING their ids in input order), one UPDATE per new ordered-test
+    # status, the completion decided from what was loaded above (the sample row is locked,
+    # so nobody else changes its tests meanwhile), and the ORM flushes the sample and its
+    # audit rows once, with the caller's transaction.
     if state in (SampleState.COLLECTED, SampleState.IN_TRANSIT):
         lifecycle.transition(session, sample, SampleState.RECEIVED_AT_LAB, actor=actor,
-                             note="auto-received", at=when)
+                             note="auto-received", at=when, flush=False)
         bound.warning("lis.sample.auto_received", from_state=state)
 
-    written: list[Result] = []
-    corrections: list[str] = []
     for item in plan:
-        test = ordered.get(item.test_code)
-        if test is None:  # accept_unordered: the analyzer's extra becomes an order
-            test = OrderedTest(sample_fk=sample.id, test_code=item.test_code, ordered_at=when)
-            session.add(test)
-            ordered[item.test_code] = test
+        if item.test_code not in ordered:  # accept_unordered: the analyzer's extra is ordered
+            added = OrderedTest(sample_fk=sample.id, test_code=item.test_code, ordered_at=when)
+            session.add(added)
+            ordered[item.test_code] = _Ordered(None, OrderedTestStatus.ORDERED, added)
             _audit(session, actor, "test.added", specimen_id,
                    f"{item.test_code}: result arrived without an order (accept_unordered)", when)
-        previous = current.get(item.test_code)
-        row = Result(
-            sample_fk=sample.id,
-            test_code=item.test_code,
-            analyzer_code=item.analyzer_code,
-            value_text=item.value_text,
-            value_number=_number(item),
-            comparator=item.comparator,
-            units=item.units,
-            reference_range=item.reference_range,
-            flag=item.flag,
-            is_critical=item.is_critical,
-            status=item.status,
-            observed_at=item.observed_at,
-            equipment=item.equipment,
-            comments=_comments(item),
-            interface=interface,
-            message_fk=message_id,
-            is_current=True,
-            created_at=when,
-        )
-        session.add(row)
-        session.flush()
-        if previous is not None:
-            previous.is_current = False
-            previous.superseded_by_fk = row.id
-        current[item.test_code] = row
-        written.append(row)
+
+    result_ids = _insert_results(session, sample, plan, interface, message_id, when)
+
+    # Superseded rows: the previous current row of each test points at its replacement.
+    # Within one call a test can appear twice; each new row supersedes the one before it.
+    superseded: list[dict[str, Any]] = []
+    latest: dict[str, int] = {code: row.id for code, row in current.items()}
+    for item, new_id in zip(plan, result_ids, strict=True):
+        previous_id = latest.get(item.test_code)
+        if previous_id is not None:
+            superseded.append({"old_id": previous_id, "new_id": new_id})
+        latest[item.test_code] = new_id
+    if superseded:
+        session.execute(_SUPERSEDE, superseded)
+        for change in superseded:
+            _sync_loaded(session, Result, change["old_id"], is_current=False,
+                         superseded_by_fk=change["new_id"])
+
+    # Ordered tests take the status of the last result written for them.
+    corrections: list[str] = []
+    new_status: dict[str, str] = {}
+    for item in plan:
+        new_status[item.test_code] = _TEST_STATUS[item.status]
         if item.status == "C":
             corrections.append(item.test_code)
-        test.status = {
-            "P": OrderedTestStatus.PRELIMINARY,
-            "F": OrderedTestStatus.FINAL,
-            "C": OrderedTestStatus.FINAL,
-            "X": OrderedTestStatus.CANCELLED,
-        }[item.status]
-        if item.is_critical:
-            enqueue(session, "notify", f"notify:critical_value:{row.id}", {
+    by_status: dict[str, list[int]] = {}
+    for code, status in new_status.items():
+        test = ordered[code]
+        if test.status == status:
+            continue
+        test.status = status
+        if test.row is not None:  # added above, inserted with the next flush
+            test.row.status = status
+        else:
+            assert test.id is not None
+            by_status.setdefault(status, []).append(test.id)
+    for status, ids in by_status.items():
+        session.execute(
+            update(_ORDERED_TESTS).where(_ORDERED_TESTS.c.id.in_(ids)).values(status=status)
+        )
+        for ident in ids:
+            _sync_loaded(session, OrderedTest, ident, status=status)
+
+    critical = [(item, new_id) for item, new_id in zip(plan, result_ids, strict=True)
+                if item.is_critical]
+    if critical:
+        _enqueue_jobs(session, [
+            ("notify", f"notify:critical_value:{new_id}", {
                 "kind": "critical_value",
                 "sample_id": sample.id,
                 "specimen_id": specimen_id,
                 "test_code": item.test_code,
-                "result_id": row.id,
+                "result_id": new_id,
             })
-            bound.warning("lis.result.critical", test_code=item.test_code, result_id=row.id)
-    session.flush()
+            for item, new_id in critical
+        ])
+        for item, new_id in critical:
+            bound.warning("lis.result.critical", test_code=item.test_code, result_id=new_id)
 
+    row_count += len(result_ids)
     if sample.state == SampleState.RECEIVED_AT_LAB:
         lifecycle.transition(session, sample, SampleState.PROCESSING, actor=actor,
-                             note="first result", at=when)
+                             note="first result", at=when, flush=False)
     if sample.state == SampleState.PROCESSING:
-        complete_if_done(session, sample, actor=actor, now=when)
+        statuses = [t.status for t in ordered.values()]
+        if statuses and all(s in DONE_TEST_STATUSES for s in statuses):
+            lifecycle.transition(session, sample, SampleState.COMPLETED, actor=actor,
+                                 note="every ordered test final or cancelled", at=when,
+                                 flush=False)
+            _enqueue_render(session, sample, row_count, reason="completed")
     elif corrections and sample.state in (SampleState.COMPLETED, SampleState.REPORTED):
         codes = ", ".join(corrections)
         if sample.state == SampleState.REPORTED:
             lifecycle.transition(session, sample, SampleState.REPORTED, actor=actor,
                                  note=f"correction of {codes}: amended report to follow",
-                                 at=when)
-        enqueue_render(session, sample, reason=f"correction: {codes}")
+                                 at=when, flush=False)
+        _enqueue_render(session, sample, row_count, reason=f"correction: {codes}")
 
-    bound.info("lis.results.applied", written=len(written), unchanged=unchanged,
+    bound.info("lis.results.applied", written=len(result_ids), unchanged=unchanged,
                state=sample.state)
     return ApplyOutcome(
-        applied=len(written),
+        applied=len(result_ids),
         unchanged=unchanged,
         sample_state=sample.state,
-        result_ids=tuple(r.id for r in written),
+        result_ids=tuple(result_ids),
     )
+
+
+_TEST_STATUS = {
+    "P": OrderedTestStatus.PRELIMINARY,
+    "F": OrderedTestStatus.FINAL,
+    "C": OrderedTestStatus.FINAL,
+    "X": OrderedTestStatus.CANCELLED,
+}
+
+_RESULTS = Result.__table__
+_ORDERED_TESTS = OrderedTest.__table__
+_OUTBOX = OutboxJob.__table__
+# Core statements on the table (not the ORM entity): no unit of work, and executemany
+# with RETURNING becomes one multi-row INSERT ("insertmanyvalues") on SQLite and psycopg2.
+_INSERT_RESULTS = insert(_RESULTS).returning(_RESULTS.c.id, sort_by_parameter_order=True)
+_SUPERSEDE = (
+    update(_RESULTS)
+    .where(_RESULTS.c.id == bindparam("old_id"))
+    .values(is_current=False, superseded_by_fk=bindparam("new_id"))
+)
+
+
+def _insert_results(
+    session: Session, sample: Sample, plan: Sequence[ResultInput], interface: str,
+    message_id: int | None, when: datetime,
+) -> list[int]:
+    """Insert one row per planned result; their ids, in ``plan`` order."""
+    rows = [
+        {
+            "sample_fk": sample.id,
+            "test_code": item.test_code,
+            "analyzer_code": item.analyzer_code,
+            "value_text": item.value_text,
+            "value_number": _number(item),
+            "comparator": item.comparator,
+            "units": item.units,
+            "reference_range": item.reference_range,
+            "flag": item.flag,
+            "is_critical": item.is_critical,
+            "status": item.status,
+            "observed_at": item.observed_at,
+            "equipment": item.equipment,
+            "comments": _comments(item),
+            "interface": interface,
+            "message_fk": message_id,
+            "is_current": True,
+            "superseded_by_fk": None,
+            "created_at": when,
+        }
+        for item in plan
+    ]
+    return list(session.scalars(_INSERT_RESULTS, rows))
 
 
 def _same_as_input(a: ResultInput, b: ResultInput) -> bool:
@@ -390,6 +514,43 @@ def enqueue_render(session: Session, sample: Sample, *, reason: str) -> None:
         "specimen_id": sample.specimen_id,
         "reason": reason,
     })
+
+
+def _enqueue_render(session: Session, sample: Sample, result_rows: int, *, reason: str) -> None:
+    """:func:`enqueue_render` when the caller already knows the sample's result row count."""
+    _enqueue_jobs(session, [("render_report", f"render_report:{sample.id}:r{result_rows}", {
+        "sample_id": sample.id,
+        "specimen_id": sample.specimen_id,
+        "reason": reason,
+    })])
+
+
+def _enqueue_jobs(session: Session, jobs: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+    """Outbox jobs ``(kind, dedupe_key, payload)`` in the caller's transaction, each key once.
+
+    Same outcome as :func:`lis_bridge.outbox.enqueue` per job, but one ``INSERT ... ON
+    CONFLICT (dedupe_key) DO NOTHING`` instead of a lookup, a savepoint and a flush each:
+    this runs for every completed sample and every critical value.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        for kind, key, payload in jobs:
+            enqueue(session, kind, key, payload)
+        return
+    now = utcnow()
+    session.execute(
+        dialect_insert(_OUTBOX).on_conflict_do_nothing(index_elements=["dedupe_key"]),
+        [
+            {"kind": kind, "dedupe_key": key, "payload": json.dumps(payload, sort_keys=True),
+             "status": JobStatus.PENDING, "attempts": 0, "next_attempt_at": now,
+             "last_error": "", "created_at": now, "updated_at": now}
+            for kind, key, payload in jobs
+        ],
+    )
 
 
 def is_done(session: Session, sample: Sample) -> bool:

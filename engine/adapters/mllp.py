@@ -41,6 +41,7 @@ __all__ = [
     "MLLPHandler",
     "MLLPServerFactory",
     "MLLPServerProtocol",
+    "client_tls_options",
     "send_messages",
 ]
 
@@ -537,9 +538,17 @@ def send_messages(
     messages: Sequence[bytes],
     timeout: float = 30.0,
     tls: bool = False,
+    *,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
 ) -> Deferred[list[AckResult]]:
     """Connect to ``host:port``, send each message framed, and wait for its ACK (bounded by
     ``timeout`` seconds per message) before sending the next.
+
+    With ``tls`` the server certificate is verified against ``ca_file`` (PEM; the system
+    trust store when None) and must name ``host``; ``cert_file`` + ``key_file`` (PEM) are
+    the client certificate presented to a mutual-TLS listener.
 
     Fires with one :class:`AckResult` per message. A failed connection fires with results that
     all carry the error; messages after a timeout are reported as not sent.
@@ -547,9 +556,12 @@ def send_messages(
     proto = MLLPClientProtocol(messages, timeout, reactor)
     endpoint: Any = endpoints.HostnameEndpoint(reactor, host, port, timeout=int(timeout) or 1)
     if tls:
-        from twisted.internet.ssl import optionsForClientTLS
-
-        endpoint = endpoints.wrapClientTLS(optionsForClientTLS(host), endpoint)
+        endpoint = endpoints.wrapClientTLS(
+            client_tls_options(host, ca_file=ca_file, cert_file=cert_file, key_file=key_file),
+            endpoint,
+        )
+    elif ca_file or cert_file or key_file:
+        raise ValueError("CA and client certificate files are for TLS: add tls=True (--tls)")
     if not messages:
         return defer.succeed([])
 
@@ -568,3 +580,48 @@ def send_messages(
 
     connecting.addCallbacks(connected, failed)
     return result
+
+
+def client_tls_options(
+    host: str,
+    *,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> Any:
+    """TLS client options: verify the server (against ``ca_file`` if given), and present
+    a client certificate when ``cert_file`` and ``key_file`` are given (raises ValueError
+    naming the file that cannot be used)."""
+    from pathlib import Path
+
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("a client certificate needs both the certificate and its private key")
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc}") from exc
+
+    trust_root: Any = None
+    if ca_file is not None:
+        try:
+            trust_root = ssl.Certificate.loadPEM(read(ca_file))
+        except crypto.Error as exc:
+            raise ValueError(f"{ca_file} is not a PEM certificate: {exc}") from exc
+    client_certificate: Any = None
+    if cert_file is not None and key_file is not None:
+        try:
+            client_certificate = ssl.PrivateCertificate.loadPEM(
+                read(cert_file) + b"\n" + read(key_file)
+            )
+        except (crypto.Error, ValueError) as exc:
+            raise ValueError(
+                f"{cert_file} / {key_file} are not a PEM certificate and matching key: {exc}"
+            ) from exc
+    return ssl.optionsForClientTLS(
+        host, trustRoot=trust_root, clientCertificate=client_certificate
+    )

@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "engine.cli.mapping_cmd",
     "engine.cli.reports_cmd",
     "engine.cli.notifications_cmd",
+    "engine.cli.replay_cmd",
     "engine.cli.status_cmd",
 )
 

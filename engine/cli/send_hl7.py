@@ -46,19 +46,45 @@ def result_lines(labels: Sequence[str], results: Sequence[AckResult]) -> list[st
     show_default=True,
     help="Seconds to wait for each ACK.",
 )
-@click.option("--tls", is_flag=True, help="Connect with TLS.")
+@click.option("--tls", is_flag=True, help="Connect with TLS (the server certificate is verified).")
+@click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PEM CA certificate that signed the server's (default: system trust store).")
+@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PEM client certificate for a mutual-TLS listener (with --key).")
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PEM private key of the client certificate.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-def send_hl7(to: str, files: tuple[str, ...], timeout: float, tls: bool) -> None:
+def send_hl7(
+    to: str,
+    files: tuple[str, ...],
+    timeout: float,
+    tls: bool,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+) -> None:
     """Send HL7 message FILES over MLLP and print each ACK.
 
     A file may hold one or many messages (segments ended by CR, LF or CRLF). Exits 1 if
     any message was not accepted (AA or CA).
 
     \b
-    Example:
+    Examples:
       labrelay send hl7 --to 127.0.0.1:2575 fixtures/oru_DEMO0001.hl7
+      labrelay send hl7 --to 127.0.0.1:2576 --tls --ca ca.pem --cert me.pem --key me.key F.hl7
     """
     host, port = parse_target(to)
+    if (ca_file or cert_file or key_file) and not tls:
+        raise click.UsageError("--ca, --cert and --key are TLS options: add --tls")
+    if (cert_file is None) != (key_file is None):
+        raise click.UsageError("a client certificate needs both --cert and --key")
+    if tls:
+        from engine.adapters.mllp import client_tls_options
+
+        try:  # a bad PEM file is an operator's error: say which file, before connecting
+            client_tls_options(host, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
     labels: list[str] = []
     messages: list[bytes] = []
     for name in files:
@@ -76,7 +102,8 @@ def send_hl7(to: str, files: tuple[str, ...], timeout: float, tls: bool) -> None
     outcome: dict[str, list[AckResult]] = {}
 
     def main(reactor: Any) -> Any:
-        d = send_messages(reactor, host, port, messages, timeout=timeout, tls=tls)
+        d = send_messages(reactor, host, port, messages, timeout=timeout, tls=tls,
+                          ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         d.addCallback(lambda results: outcome.update(r=results))
         return d
 

@@ -82,7 +82,9 @@ def test_serial_settings_are_validated(tmp_path: Path) -> None:
     assert "transport.serial.parity: expected one of N, E, O" in message
 
 
-def test_environment_variables_fill_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_variables_fill_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LR_TEST_DB", "sqlite:///from-env.db")
     cfg = parse_config("database: ${LR_TEST_DB}\n", tmp_path / "c.yaml")
     assert cfg.database == "sqlite:///from-env.db"
@@ -101,5 +103,5 @@ def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
 
 
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="copy config/labrelay.example.yaml"):
+    with pytest.raises(ConfigError, match=r"copy config/labrelay\.example\.yaml"):
         load_config(tmp_path / "nope.yaml")
