@@ -35,12 +35,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.base import Executable
 
 from lis_bridge import lifecycle
 from lis_bridge.models import (
@@ -443,9 +445,9 @@ _TEST_STATUS = {
     "X": OrderedTestStatus.CANCELLED,
 }
 
-_RESULTS = Result.__table__
-_ORDERED_TESTS = OrderedTest.__table__
-_OUTBOX = OutboxJob.__table__
+_RESULTS = cast(Table, Result.__table__)
+_ORDERED_TESTS = cast(Table, OrderedTest.__table__)
+_OUTBOX = cast(Table, OutboxJob.__table__)
 # Core statements on the table (not the ORM entity): no unit of work, and executemany
 # with RETURNING becomes one multi-row INSERT ("insertmanyvalues") on SQLite and psycopg2.
 _INSERT_RESULTS = insert(_RESULTS).returning(_RESULTS.c.id, sort_by_parameter_order=True)
@@ -533,17 +535,19 @@ def _enqueue_jobs(session: Session, jobs: Sequence[tuple[str, str, dict[str, Any
     this runs for every completed sample and every critical value.
     """
     dialect = session.get_bind().dialect.name
+    statement: Executable
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        statement = postgresql.insert(_OUTBOX).on_conflict_do_nothing(
+            index_elements=["dedupe_key"])
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        statement = sqlite.insert(_OUTBOX).on_conflict_do_nothing(index_elements=["dedupe_key"])
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         for kind, key, payload in jobs:
             enqueue(session, kind, key, payload)
         return
     now = utcnow()
     session.execute(
-        dialect_insert(_OUTBOX).on_conflict_do_nothing(index_elements=["dedupe_key"]),
+        statement,
         [
             {"kind": kind, "dedupe_key": key, "payload": json.dumps(payload, sort_keys=True),
              "status": JobStatus.PENDING, "attempts": 0, "next_attempt_at": now,

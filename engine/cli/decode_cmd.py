@@ -35,7 +35,7 @@ def split_file(data: bytes, protocol: str) -> tuple[list[bytes], list[str]]:
     return list(capture.messages), notes
 
 
-def decode_file(path: Path, driver_name: str = "auto") -> dict[str, Any]:
+def decode_file(path: Path, driver_name: str = "auto", validate: bool = False) -> dict[str, Any]:
     from drivers.registry import create_driver
 
     data = path.read_bytes()
@@ -55,6 +55,13 @@ def decode_file(path: Path, driver_name: str = "auto") -> dict[str, Any]:
         item = message.to_json()
         item["file"] = str(path)
         item["index"] = index
+        if validate and protocol == "hl7":
+            from drivers.hl7.validate import validate_structure
+
+            report = validate_structure(raw)
+            item["validation"] = {"structure": report.structure, "version": report.version,
+                                  "errors": list(report.errors),
+                                  "warnings": list(report.warnings)}
         decoded.append(item)
     return {"protocol": protocol, "messages": decoded, "errors": errors, "notes": notes}
 
@@ -65,7 +72,9 @@ def decode_file(path: Path, driver_name: str = "auto") -> dict[str, Any]:
 @click.option("--driver", "driver_name", default="auto", show_default=True,
               help="Driver name (see `labrelay drivers`), or auto to pick by content.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
-def decode_cmd(files: tuple[Path, ...], driver_name: str, as_json: bool) -> None:
+@click.option("--validate", is_flag=True,
+              help="HL7: also check the structure against the standard (hl7apy); slower.")
+def decode_cmd(files: tuple[Path, ...], driver_name: str, as_json: bool, validate: bool) -> None:
     """Decode captured HL7 or ASTM messages and print what the driver sees.
 
     Needs no database and no network: this is how an interface analyst inspects a
@@ -75,13 +84,14 @@ def decode_cmd(files: tuple[Path, ...], driver_name: str, as_json: bool) -> None
     Examples:
       labrelay decode ../shared/corpus/hl7/roche_cobas_pure__1.hl7 --json
       labrelay decode capture.astm --driver astm-generic
+      labrelay decode new-analyzer.hl7 --validate
     """
     all_messages: list[dict[str, Any]] = []
     all_errors: list[str] = []
     all_notes: list[str] = []
     for path in files:
         try:
-            result = decode_file(path, driver_name)
+            result = decode_file(path, driver_name, validate)
         except LabrelayError as exc:
             all_errors.append(f"{path}: {exc}")
             continue
@@ -107,6 +117,13 @@ def decode_cmd(files: tuple[Path, ...], driver_name: str, as_json: bool) -> None
                 click.echo(f"  query for {', '.join(query['specimen_ids']) or 'ALL'}")
             for warning in item["warnings"]:
                 click.echo(f"  warning: {warning}")
+            if "validation" in item:
+                check = item["validation"]
+                click.echo(f"  structure {check['structure']} v{check['version']}: "
+                           f"{len(check['errors'])} errors, {len(check['warnings'])} warnings "
+                           "against the standard (real analyzers often deviate)")
+                for problem in check["errors"][:20]:
+                    click.echo(f"    error: {problem}")
         for note in all_notes:
             click.echo(f"note: {note}", err=True)
     for error in all_errors:
