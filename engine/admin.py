@@ -6,8 +6,11 @@ import hmac
 import json
 from typing import Any
 
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
+
+MAX_BODY = 64 * 1024
 
 
 class AdminResource(Resource):
@@ -45,6 +48,41 @@ class AdminResource(Resource):
             return _metrics(self.service.status()).encode()
         request.setResponseCode(404)
         return b'{"error": "not found; try /health, /status or /metrics"}'
+
+
+    def render_POST(self, request: Request) -> bytes | int:
+        """POST /interfaces/<name>/orders {"specimen_ids": [...]}: download orders to an
+        analyzer on that interface (ASTM). Answers when the orders are queued on the link."""
+        request.setHeader("content-type", "application/json")
+        if not self._authorised(request):
+            request.setResponseCode(401)
+            return b'{"error": "send Authorization: Bearer <admin token from the config>"}'
+        parts = request.path.decode("ascii", "replace").strip("/").split("/")
+        if len(parts) != 3 or parts[0] != "interfaces" or parts[2] != "orders":
+            request.setResponseCode(404)
+            return b'{"error": "POST /interfaces/<name>/orders"}'
+        assert request.content is not None
+        body = request.content.read(MAX_BODY + 1)
+        try:
+            data: Any = json.loads(body) if len(body) <= MAX_BODY else {}
+            specimen_ids = [str(s) for s in data["specimen_ids"]][:1000]
+        except (ValueError, TypeError, KeyError):
+            request.setResponseCode(400)
+            return b'{"error": "expected JSON {\"specimen_ids\": [\"S1\", ...]}"}'
+        d = self.service.push_orders(parts[1], specimen_ids)
+
+        def done(result: dict[str, Any]) -> None:
+            request.setResponseCode(202 if result.get("queued") else 409)
+            request.write(json.dumps(result).encode())
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            request.setResponseCode(400)
+            request.write(json.dumps({"error": failure.getErrorMessage()}).encode())
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return NOT_DONE_YET
 
 
 def _metrics(status: dict[str, Any]) -> str:

@@ -355,6 +355,43 @@ def answer_query(session: Session, rt: InterfaceRuntime, message: AnalyzerMessag
                                encoding=rt.config.encoding or "latin-1")]
 
 
+def build_order_download(
+    session: Session, rt: InterfaceRuntime, specimen_ids: list[str]
+) -> tuple[bytes | None, dict[str, Any]]:
+    """The H P O... L message that downloads these samples' pending tests, stored as an
+    outbound message; and a summary saying which samples had nothing to send and why."""
+    from drivers.astm.generic import OrderRequest, build_order_records
+    from lis_bridge.queries import ordered_test_codes
+
+    orders: list[OrderRequest] = []
+    skipped: dict[str, str] = {}
+    for specimen_id in dict.fromkeys(specimen_ids):
+        codes = ordered_test_codes(session, specimen_id)
+        if codes is None:
+            skipped[specimen_id] = "not in the LIS"
+            continue
+        analyzer_codes = rt.mapping.analyzer_codes_for(codes) if rt.mapping is not None else []
+        if not analyzer_codes:
+            skipped[specimen_id] = "no pending test this analyzer performs"
+            continue
+        orders.append(OrderRequest(specimen_id=specimen_id, test_codes=tuple(analyzer_codes)))
+    summary: dict[str, Any] = {"queued": [o.specimen_id for o in orders], "skipped": skipped}
+    if not orders:
+        return None, summary
+    stamp = _utcnow().strftime("%Y%m%d%H%M%S")
+    text = build_order_records(orders, timestamp=stamp,
+                               encoding=rt.config.encoding or "latin-1")
+    row = RawMessage(interface=rt.name, direction="out", protocol="astm", peer="",
+                     message_type="ORDERS", payload=text,
+                     sha256=hashlib.sha256(text).hexdigest(), size=len(text),
+                     status=MessageStatus.SENT)
+    session.add(row)
+    session.flush()
+    summary["message_id"] = row.id
+    log.info("astm.orders.queued", interface=rt.name, samples=len(orders), message_id=row.id)
+    return text, summary
+
+
 def reprocess(
     session: Session, rt: InterfaceRuntime, message_id: int, *, now: datetime | None = None
 ) -> IngestResult:

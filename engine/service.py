@@ -350,6 +350,39 @@ class EngineService(MultiService):
                 state.status = "stopped"
         log.info("engine.stopped")
 
+    # ------------------------------------------------------------------ order download
+
+    def push_orders(self, interface: str, specimen_ids: list[str]) -> Deferred[dict[str, Any]]:
+        """Download the ordered tests of ``specimen_ids`` to an ASTM analyzer (PROTOCOLS 67).
+
+        Tests are read from the LIS and translated through the interface's mapping; the
+        message is stored (direction out) and queued on the link, which sends it when the
+        line is free (contention rules apply) and retries per LIS01-A2.
+        """
+        from engine.pipeline import build_order_download
+
+        runtime = self.runtimes.get(interface)
+        factory = self.factories.get(interface)
+        if runtime is None or factory is None or runtime.config.protocol != "astm":
+            return defer.fail(LabrelayError(
+                f"{interface!r} is not a running ASTM interface; order download needs one"))
+        assert self.writer is not None
+        d = self.writer.submit(lambda s: build_order_download(s, runtime, specimen_ids))
+
+        def queue(result: tuple[bytes | None, dict[str, Any]]) -> dict[str, Any]:
+            text, summary = result
+            if text is not None:
+                sent = factory.send_message(text)
+                sent.addCallbacks(
+                    lambda _r: log.info("astm.orders.delivered", interface=interface,
+                                        samples=summary["queued"]),
+                    lambda f: self._alert(f"order download to {interface} failed",
+                                          f.getErrorMessage(), interface),
+                )
+            return summary
+
+        return d.addCallback(queue)
+
     # ------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:

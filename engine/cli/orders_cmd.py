@@ -62,5 +62,40 @@ def import_cmd(state: CliState, csv_file: Path, skip_invalid: bool, actor: str) 
                    err=True)
 
 
+@orders_group.command("push")
+@click.argument("specimen_ids", nargs=-1, required=True)
+@click.option("--interface", required=True, help="The ASTM interface of the analyzer.")
+@config_option
+@pass_state
+def push_cmd(state: CliState, specimen_ids: tuple[str, ...], interface: str) -> None:
+    """Download the pending tests of SPECIMEN_IDS to an analyzer that accepts orders.
+
+    The running engine reads the ordered tests, translates them through the interface's
+    mapping and sends H P O... L on the link (the analyzer may also ask by host query).
+
+    \b
+    Example:
+      labrelay orders push DEMO0001 DEMO0002 --interface demo-astm \\
+          --config config/labrelay.example.yaml
+    """
+    from engine.cli._admin import admin_request
+
+    try:
+        code, result = admin_request(state, "POST", f"/interfaces/{interface}/orders",
+                                     {"specimen_ids": list(specimen_ids)})
+    except OSError as exc:
+        raise click.ClickException(
+            f"the engine is not reachable on its admin address ({exc}); is `labrelay run` "
+            "running with this configuration?") from exc
+    if "error" in result:
+        raise click.ClickException(str(result["error"]))
+    for specimen_id in result.get("queued", []):
+        click.echo(f"queued   {specimen_id}")
+    for specimen_id, reason in result.get("skipped", {}).items():
+        click.echo(f"skipped  {specimen_id}: {reason}")
+    if code != 202:
+        raise SystemExit(1)
+
+
 def register(group: click.Group) -> None:
     group.add_command(orders_group)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 import click
@@ -61,24 +59,13 @@ def status_cmd(state: CliState, as_json: bool) -> None:
 
 
 def _engine_status(state: CliState) -> dict[str, Any] | None:
-    config = state.load_config()
-    listen = config.admin.listen or ""
-    parts = dict(p.split("=", 1) for p in listen.split(":")[2:] if "=" in p)
+    from engine.cli._admin import admin_request
+
     try:
-        port = int(listen.split(":")[1])
-    except (IndexError, ValueError):
+        code, data = admin_request(state, "GET", "/status", timeout=3)
+    except (OSError, ValueError, click.ClickException):
         return None
-    host = parts.get("interface", "127.0.0.1")
-    request = urllib.request.Request(
-        f"http://{host}:{port}/status",
-        headers={"Authorization": f"Bearer {config.admin.token}"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=3) as response:  # noqa: S310
-            data: dict[str, Any] = json.loads(response.read())
-            return data
-    except (OSError, urllib.error.URLError, ValueError):
-        return None
+    return data if code == 200 else None
 
 
 def register(group: click.Group) -> None:

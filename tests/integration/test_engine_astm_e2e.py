@@ -205,3 +205,56 @@ def test_serial_line_through_a_pty(db_url: str, tmp_path: Path) -> None:
         row = session.scalars(select(RawMessage)).one()
         assert row.status == MessageStatus.APPLIED, row.hold_detail
         assert row.peer.startswith("serial")
+
+
+def test_orders_pushed_to_a_connected_analyzer(db_url: str, tmp_path: Path) -> None:
+    """The LIS downloads orders (PROTOCOLS 1, 12, 67): `labrelay orders push` makes the running
+    engine send H P O L as the sender side of the link to the connected analyzer."""
+    orders(db_url, tmp_path, ["PUSH-1,PX-3,P Test,F,1990-01-01,NA GLU,2024-01-01T08:00:00Z,Ward"],
+           [])
+    port, admin = free_port(), free_port()
+    config = write_config(tmp_path, f"listen: tcp:{port}:interface=127.0.0.1")
+    config.write_text(config.read_text() + f"admin:\n  listen: tcp:{admin}:interface=127.0.0.1\n"
+                      "  token: push-token\n")
+    with (
+        running_engine(config, db_url, tmp_path) as engine,
+        socket.create_connection(("127.0.0.1", port), timeout=20) as analyzer,
+    ):
+        engine.wait_for("astm.connection.opened")
+        push = subprocess.run(
+            [sys.executable, "-m", "engine", "orders", "push", "PUSH-1", "NOPE-9",
+             "--interface", "e2e-astm", "--config", str(config)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert "queued   PUSH-1" in push.stdout, push.stdout + push.stderr
+        assert "skipped  NOPE-9: not in the LIS" in push.stdout
+        assert _reply_any(analyzer) == ENQ  # the engine establishes the link
+        analyzer.sendall(ACK)
+        text = b""
+        while True:
+            data = _read_frame_or_eot(analyzer)
+            if data == EOT:
+                break
+            text += data[2:data.index(ETX) if ETX in data else data.index(b"\x17")]
+            analyzer.sendall(ACK)
+    assert b"O|1|PUSH-1" in text
+    assert b"^^^989" in text and b"^^^717" in text  # NA and GLU in Roche codes
+    assert text.rstrip(b"\r").endswith(b"L|1|N")
+
+
+def _reply_any(sock: socket.socket) -> bytes:
+    data = sock.recv(1)
+    assert data, "engine closed the line"
+    return data
+
+
+def _read_frame_or_eot(sock: socket.socket) -> bytes:
+    buffer = b""
+    while True:
+        chunk = sock.recv(1)
+        assert chunk, "engine closed the line"
+        if not buffer and chunk == EOT:
+            return EOT
+        buffer += chunk
+        if buffer.endswith(b"\r\n") and (ETX in buffer or b"\x17" in buffer):
+            return buffer
