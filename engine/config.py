@@ -398,6 +398,11 @@ def _endpoint_check(server: bool) -> Callable[[str], str | None]:
             else:
                 endpoints.clientFromString(reactor, value)
         except (ValueError, TypeError, KeyError) as exc:
+            if value.startswith("ssl:") and "unexpected keyword" in str(exc):
+                return (f"not a valid ssl: endpoint string ({exc}); ssl: accepts privateKey, "
+                        "certKey, extraCertChain, dhParameters, sslmethod, interface, backlog. "
+                        "For mutual TLS (client certificates) use tcp: with a transport.tls "
+                        "block naming client_ca")
             return f"not a valid Twisted endpoint string ({exc}); example: {example}"
         except OSError as exc:  # ssl: reads its key and certificate files while parsing
             return f"cannot read a file it names: {exc}"
@@ -457,7 +462,8 @@ def _interface(r: _Reader, base: Path, names: set[str]) -> InterfaceConfig | Non
                 stopbits=serial_r.get("stopbits", (int, float), 1, check=_one_of(1, 1.5, 2)),
             )
             serial_r.finish()
-        tls = _tls(transport.sub("tls"), base, listen)
+        tls = _tls(transport.sub("tls"), base, listen,
+                   listen_given=transport.child("listen") is not None)
         chosen = [x for x in (listen, connect, serial) if x]
         if len(chosen) != 1 and not any("transport" in e for e in r.errors[-3:]):
             transport.error(transport.node.line, transport.path,
@@ -540,7 +546,9 @@ def _interface(r: _Reader, base: Path, names: set[str]) -> InterfaceConfig | Non
     return iface
 
 
-def _tls(r: _Reader | None, base: Path, listen: str | None) -> TLSSettings | None:
+def _tls(
+    r: _Reader | None, base: Path, listen: str | None, *, listen_given: bool
+) -> TLSSettings | None:
     """``transport.tls``: certificate, private_key, optional client_ca (mutual TLS)."""
     if r is None:
         return None
@@ -562,7 +570,8 @@ def _tls(r: _Reader | None, base: Path, listen: str | None) -> TLSSettings | Non
     client_ca = path_of("client_ca", False)
     r.finish()
     if listen is None:
-        r.error(r.node.line, r.path, "TLS settings apply to a listener: set transport.listen")
+        if not listen_given:  # else the listen string's own error has been reported
+            r.error(r.node.line, r.path, "TLS settings apply to a listener: set transport.listen")
         return None
     if not listen.startswith(("tcp:", "tcp6:")):
         r.error(r.node.line, r.path,

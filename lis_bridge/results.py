@@ -38,11 +38,9 @@ from decimal import Decimal
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Table, bindparam, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
-from sqlalchemy.sql.base import Executable
 
 from lis_bridge import lifecycle
 from lis_bridge.models import (
@@ -118,13 +116,29 @@ def _as_utc(moment: datetime | None) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+# Statements run for every message, prepared once (building one costs more than running it).
+_SAMPLE_BY_SPECIMEN_ID = select(Sample).where(Sample.specimen_id == bindparam("specimen_id"))
+# Serialises two writers on one sample (engine and a CLI user); SQLite's BEGIN IMMEDIATE
+# already does.
+_SAMPLE_FOR_UPDATE = _SAMPLE_BY_SPECIMEN_ID.with_for_update()
+_ORDERED_OF_SAMPLE = (
+    select(OrderedTest.test_code, OrderedTest.id, OrderedTest.status)
+    .where(OrderedTest.sample_fk == bindparam("sample_id"))
+    .order_by(OrderedTest.id)
+)
+_RESULTS_OF_SAMPLE = (
+    select(Result.test_code, Result.is_current, Result.id, Result.status, Result.value_text,
+           Result.value_number, Result.comparator, Result.units, Result.flag,
+           Result.is_critical)
+    .where(Result.sample_fk == bindparam("sample_id"))
+    .order_by(Result.id)
+)
+
+
 def _lock_sample(session: Session, specimen_id: str) -> Sample | None:
-    query = select(Sample).where(Sample.specimen_id == specimen_id)
-    if session.get_bind().dialect.name == "postgresql":
-        # Serialises two writers on one sample (engine and a CLI user); SQLite's
-        # BEGIN IMMEDIATE already does.
-        query = query.with_for_update()
-    return session.scalar(query)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    query = _SAMPLE_FOR_UPDATE if postgres else _SAMPLE_BY_SPECIMEN_ID
+    return session.scalar(query, {"specimen_id": specimen_id})
 
 
 @dataclass(slots=True)
@@ -149,11 +163,7 @@ class _Ordered:
 
 
 def _ordered(session: Session, sample: Sample) -> dict[str, _Ordered]:
-    rows = session.execute(
-        select(OrderedTest.test_code, OrderedTest.id, OrderedTest.status)
-        .where(OrderedTest.sample_fk == sample.id)
-        .order_by(OrderedTest.id)
-    )
+    rows = session.execute(_ORDERED_OF_SAMPLE, {"sample_id": sample.id})
     return {code: _Ordered(ident, status) for code, ident, status in rows}
 
 
@@ -162,13 +172,7 @@ def _result_history(session: Session, sample: Sample) -> tuple[dict[str, _Stored
 
     One query for both: the count names the render job (see :func:`enqueue_render`).
     """
-    rows = session.execute(
-        select(Result.test_code, Result.is_current, Result.id, Result.status, Result.value_text,
-               Result.value_number, Result.comparator, Result.units, Result.flag,
-               Result.is_critical)
-        .where(Result.sample_fk == sample.id)
-        .order_by(Result.id)
-    ).all()
+    rows = session.execute(_RESULTS_OF_SAMPLE, {"sample_id": sample.id}).all()
     current = {row[0]: _Stored(*row[2:]) for row in rows if row[1]}
     return current, len(rows)
 
@@ -387,9 +391,7 @@ def apply_results(
             assert test.id is not None
             by_status.setdefault(status, []).append(test.id)
     for status, ids in by_status.items():
-        session.execute(
-            update(_ORDERED_TESTS).where(_ORDERED_TESTS.c.id.in_(ids)).values(status=status)
-        )
+        session.execute(_SET_TEST_STATUS, {"ids": ids, "status": status})
         for ident in ids:
             _sync_loaded(session, OrderedTest, ident, status=status)
 
@@ -448,14 +450,31 @@ _TEST_STATUS = {
 _RESULTS = cast(Table, Result.__table__)
 _ORDERED_TESTS = cast(Table, OrderedTest.__table__)
 _OUTBOX = cast(Table, OutboxJob.__table__)
-# Core statements on the table (not the ORM entity): no unit of work, and executemany
-# with RETURNING becomes one multi-row INSERT ("insertmanyvalues") on SQLite and psycopg2.
-_INSERT_RESULTS = insert(_RESULTS).returning(_RESULTS.c.id, sort_by_parameter_order=True)
+# Core statements on the tables (not the ORM entities): no unit of work per row, and an
+# executemany with RETURNING becomes one multi-row INSERT ("insertmanyvalues").
+_INSERT_RESULTS = insert(_RESULTS).returning(_RESULTS.c.test_code, _RESULTS.c.id)
+# Asking for the ids in input order makes SQLite insert row by row (it cannot promise the
+# order of RETURNING); only needed when one call has the same test twice.
+_INSERT_RESULTS_IN_ORDER = insert(_RESULTS).returning(_RESULTS.c.id,
+                                                      sort_by_parameter_order=True)
 _SUPERSEDE = (
     update(_RESULTS)
     .where(_RESULTS.c.id == bindparam("old_id"))
     .values(is_current=False, superseded_by_fk=bindparam("new_id"))
 )
+_SET_TEST_STATUS = (
+    update(_ORDERED_TESTS)
+    .where(_ORDERED_TESTS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(status=bindparam("status"))
+)
+# INSERT ... ON CONFLICT DO NOTHING, the same text on SQLite (>= 3.24) and PostgreSQL. As
+# text() it is compiled once; SQLAlchemy's dialect insert() constructs are never cached.
+_JOB_COLUMNS = [c for c in _OUTBOX.c if c.name != "id"]
+_INSERT_JOB = text(
+    f"INSERT INTO {_OUTBOX.name} ({', '.join(c.name for c in _JOB_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c.name for c in _JOB_COLUMNS)}) "
+    "ON CONFLICT (dedupe_key) DO NOTHING"
+).bindparams(*(bindparam(c.name, type_=c.type) for c in _JOB_COLUMNS))
 
 
 def _insert_results(
@@ -487,7 +506,11 @@ def _insert_results(
         }
         for item in plan
     ]
-    return list(session.scalars(_INSERT_RESULTS, rows))
+    codes = [item.test_code for item in plan]
+    if len(set(codes)) < len(codes):
+        return list(session.scalars(_INSERT_RESULTS_IN_ORDER, rows))
+    ids = dict(session.execute(_INSERT_RESULTS, rows).tuples().all())
+    return [ids[code] for code in codes]
 
 
 def _same_as_input(a: ResultInput, b: ResultInput) -> bool:
@@ -534,27 +557,13 @@ def _enqueue_jobs(session: Session, jobs: Sequence[tuple[str, str, dict[str, Any
     CONFLICT (dedupe_key) DO NOTHING`` instead of a lookup, a savepoint and a flush each:
     this runs for every completed sample and every critical value.
     """
-    dialect = session.get_bind().dialect.name
-    statement: Executable
-    if dialect == "postgresql":
-        statement = postgresql.insert(_OUTBOX).on_conflict_do_nothing(
-            index_elements=["dedupe_key"])
-    elif dialect == "sqlite":
-        statement = sqlite.insert(_OUTBOX).on_conflict_do_nothing(index_elements=["dedupe_key"])
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        for kind, key, payload in jobs:
-            enqueue(session, kind, key, payload)
-        return
     now = utcnow()
-    session.execute(
-        statement,
-        [
-            {"kind": kind, "dedupe_key": key, "payload": json.dumps(payload, sort_keys=True),
-             "status": JobStatus.PENDING, "attempts": 0, "next_attempt_at": now,
-             "last_error": "", "created_at": now, "updated_at": now}
-            for kind, key, payload in jobs
-        ],
-    )
+    session.execute(_INSERT_JOB, [
+        {"kind": kind, "dedupe_key": key, "payload": json.dumps(payload, sort_keys=True),
+         "status": JobStatus.PENDING, "attempts": 0, "next_attempt_at": now, "last_error": "",
+         "created_at": now, "updated_at": now}
+        for kind, key, payload in jobs
+    ])
 
 
 def is_done(session: Session, sample: Sample) -> bool:

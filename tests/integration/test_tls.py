@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import socket
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,53 @@ def test_config_check_reports_tls_problems_with_line_and_key(tmp_path: Path) -> 
     done = subprocess.run([*LABRELAY, "config", "check", str(config)], capture_output=True,
                           text=True, timeout=60, check=False, cwd=REPO)
     assert done.returncode != 0
-    assert "interfaces[0].transport.tls.client_ca" in done.stderr
+    # file:line: key path: what is wrong (the tls block is on line 10)
+    assert "labrelay.yaml:10: interfaces[0].transport.tls.client_ca: file " in done.stderr
     assert "missing.pem does not exist" in done.stderr
-    assert ":13:" in done.stderr or ":12:" in done.stderr  # the line of the tls block
+    assert "labrelay-test-CA.pem is not a PEM private key matching" in done.stderr
+
+
+def test_astm_listener_with_mutual_tls(db_url: str, tmp_path: Path) -> None:
+    """The same TLS block on an ASTM listener; Python's ssl module plays the analyzer."""
+    ca = TestCA(tmp_path)
+    server = ca.issue("engine", server=True)
+    analyzer = ca.issue("analyzer-c311", server=False)
+    port = free_port()
+    config = tmp_path / "astm.yaml"
+    config.write_text(
+        f"""
+database: sqlite:///unused.db
+interfaces:
+  - name: tls-astm
+    protocol: astm
+    driver: astm-generic
+    mapping: {REPO / 'mappings' / 'roche_cobas_c311.yaml'}
+    transport:
+      listen: tcp:{port}:interface=127.0.0.1
+      tls: {{certificate: {server.cert}, private_key: {server.key}, client_ca: {ca.path}}}
+reports:
+  output_dir: {tmp_path / 'reports'}
+  signing_key: tls-signing-key-0123456789abcdef
+"""
+    )
+
+    def enq(with_certificate: bool) -> bytes:
+        context = ssl.create_default_context(cafile=str(ca.path))
+        if with_certificate:
+            context.load_cert_chain(str(analyzer.cert), str(analyzer.key))
+        # TLS 1.2 refuses in the handshake, TLS 1.3 on the first read: either way no ACK.
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+            ):
+                sock.sendall(b"\x05")  # PROTOCOLS 1: ENQ asks for the line
+                answer = sock.recv(1)
+                sock.sendall(b"\x04")
+                return answer
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            return b""
+
+    with running_engine(config, db_url, tmp_path):
+        assert enq(with_certificate=False) == b""
+        assert enq(with_certificate=True) == b"\x06"  # ACK
