@@ -267,7 +267,7 @@ def run_once(
     explicit = now is not None
     now = _as_utc(now)
     own_engine = engine is None
-    engine = engine or make_engine(database_url)
+    engine = engine or make_engine(database_url, writer=True)
     work = OutboxWork(session_factory(engine), report_settings, notification_settings,
                       job_policy=job_policy)
     summary = TickSummary()
@@ -363,7 +363,7 @@ class OutboxRunner(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._engine = make_engine(self.database_url)
+        self._engine = make_engine(self.database_url, writer=True)
         self._work = OutboxWork(session_factory(self._engine), self.report_settings,
                                 self.notification_settings, job_policy=self.job_policy)
         self._pool = ThreadPool(minthreads=1, maxthreads=self.threads, name="labrelay-outbox")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, literal, select, union_all
 from sqlalchemy.orm import Session
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -179,35 +179,44 @@ _DUPLICATE_CANDIDATES = (
     _RAW.status != MessageStatus.DUPLICATE,
     _RAW.received_at >= bindparam("since"),
 )
-_SAME_CONTROL_ID = (
-    select(_RAW.id, _RAW.ack_code)
-    .where(*_DUPLICATE_CANDIDATES, _RAW.sender == bindparam("sender"),
-           _RAW.control_id == bindparam("control_id"))
-    .order_by(_RAW.id)
-    .limit(1)
-)
-_SAME_BYTES = (
-    select(_RAW.id, _RAW.ack_code)
-    .where(*_DUPLICATE_CANDIDATES, _RAW.sha256 == bindparam("sha256"))
-    .order_by(_RAW.id)
-    .limit(1)
-)
+
+
+def _first_match(*criteria: Any, rank: int) -> Any:
+    return (
+        select(_RAW.id, _RAW.ack_code, literal(rank).label("rank"))
+        .where(*_DUPLICATE_CANDIDATES, *criteria)
+        .order_by(_RAW.id)
+        .limit(1)
+        .subquery()
+    )
+
+
+_SAME_BYTES = select(_first_match(_RAW.sha256 == bindparam("sha256"), rank=1))
+# HL7: the same sender + control id, else the same bytes, in one round trip: two index
+# lookups (ix_raw_messages_dedupe, ix_raw_messages_sha256) joined by UNION ALL, the
+# control-id match preferred as when they were two queries.
+_EITHER = union_all(
+    select(_first_match(_RAW.sender == bindparam("sender"),
+                        _RAW.control_id == bindparam("control_id"), rank=0)),
+    _SAME_BYTES,
+).subquery()
+_SAME_CONTROL_ID_OR_BYTES = select(_EITHER.c.id, _EITHER.c.ack_code).order_by(
+    _EITHER.c.rank).limit(1)
 
 
 def _find_duplicate(
     session: Session, rt: InterfaceRuntime, row: RawMessage, now: datetime
 ) -> tuple[int, str] | None:
     """(id, ack code) of the message ``row`` repeats, or None."""
-    params = {"interface": rt.name, "since": now - DUPLICATE_WINDOW}
+    params = {"interface": rt.name, "since": now - DUPLICATE_WINDOW, "sha256": row.sha256}
     # HL7 MSH-10 identifies a message; ASTM H-3 is rarely set and H-14 is only a timestamp,
     # so on ASTM only identical bytes count as the same message.
     if row.protocol == "hl7" and row.control_id:
-        found = session.execute(
-            _SAME_CONTROL_ID, {**params, "sender": row.sender, "control_id": row.control_id}
-        ).first()
-        if found is not None:
-            return found[0], found[1]
-    found = session.execute(_SAME_BYTES, {**params, "sha256": row.sha256}).first()
+        query = _SAME_CONTROL_ID_OR_BYTES
+        params.update(sender=row.sender, control_id=row.control_id)
+    else:
+        query = _SAME_BYTES
+    found = session.execute(query, params).first()
     return (found[0], found[1]) if found is not None else None
 
 
@@ -326,7 +335,9 @@ def _apply_results(
             raise _Hold(BEHIND_HELD, f"specimen {specimen.specimen_id} has an earlier held "
                         f"message #{blocker}; it is applied after that one is resolved "
                         "(`labrelay messages reprocess`)")
-        sex, age = _patient_hints(session, specimen.specimen_id, now)
+        sex, age = "U", None
+        if _ranges_by_patient(rt.mapping):
+            sex, age = _patient_hints(session, specimen.specimen_id, now)
         mapped = rt.mapping.map_specimen(specimen, sex=sex, age_years=age)
         if mapped.unmapped:
             codes = ", ".join(dict.fromkeys(u.code for u in mapped.unmapped))
@@ -355,6 +366,29 @@ def _apply_results(
 def _mapping_name(rt: InterfaceRuntime) -> str:
     path = rt.config.mapping
     return str(path) if path else "the interface's mapping"
+
+
+_RANGES_BY_PATIENT: dict[int, tuple[Any, bool]] = {}
+
+
+def _ranges_by_patient(mapping: Any) -> bool:
+    """Whether any reference range in ``mapping`` depends on sex or age.
+
+    Only then does mapping need the patient's sex and age: most mappings give one range per
+    test (or take the analyzer's), and the query is skipped. Remembered per mapping object.
+    """
+    known = _RANGES_BY_PATIENT.get(id(mapping))
+    if known is not None and known[0] is mapping:
+        return known[1]
+    answer = any(
+        r.sex or r.age_min is not None or r.age_max is not None
+        for test in mapping.tests
+        for r in test.reference_ranges
+    )
+    if len(_RANGES_BY_PATIENT) > 64:  # mappings reloaded many times: forget the old ones
+        _RANGES_BY_PATIENT.clear()
+    _RANGES_BY_PATIENT[id(mapping)] = (mapping, answer)
+    return answer
 
 
 _PATIENT_HINTS = (

@@ -71,7 +71,7 @@ class EngineService(MultiService):
     # ------------------------------------------------------------------ start
 
     def startService(self) -> None:
-        self.engine = make_engine(self.database_url)
+        self.engine = make_engine(self.database_url, writer=True)
         url = self.engine.url.render_as_string(hide_password=True)
         if self.engine.dialect.name == "sqlite":
             upgrade(self.engine)  # the embedded default creates itself on first run

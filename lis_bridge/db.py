@@ -40,12 +40,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Any) -> None:
-    # IMMEDIATE takes the write lock at the start, so two writers never deadlock on upgrade.
+    # Deferred: a reader never holds a lock in WAL mode, so an operator's open read can
+    # never stall the engine's writer.
+    conn.exec_driver_sql("BEGIN")
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # IMMEDIATE takes the write lock at the start: a transaction that reads and then writes
+    # waits for the lock (busy_timeout) instead of failing with SQLITE_BUSY on upgrade.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An Engine for ``url``; SQLite gets WAL and foreign keys, PostgreSQL a bounded pool."""
+def make_engine(url: str, *, writer: bool = False, **kwargs: Any) -> Engine:
+    """An Engine for ``url``; SQLite gets WAL and foreign keys, PostgreSQL a bounded pool.
+
+    ``writer=True`` is for the engine's single writer thread (and other units that always
+    write): on SQLite its transactions take the write lock when they begin.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
@@ -56,7 +67,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"timeout": 10}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "begin", _sqlite_begin_immediate if writer else _sqlite_begin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)

@@ -981,7 +981,7 @@ def render_job(
 
     factory = _worker_factories.get(database_url)
     if factory is None:
-        factory = session_factory(make_engine(database_url))
+        factory = session_factory(make_engine(database_url, writer=True))
         _worker_factories[database_url] = factory
     outcome = render_in_transactions(factory, sample_id, settings, panels=panels,
                                      display_names=display_names)

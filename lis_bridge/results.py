@@ -117,15 +117,17 @@ def _as_utc(moment: datetime | None) -> datetime:
 
 
 # Statements run for every message, prepared once (building one costs more than running it).
-_SAMPLE_BY_SPECIMEN_ID = select(Sample).where(Sample.specimen_id == bindparam("specimen_id"))
-# Serialises two writers on one sample (engine and a CLI user); SQLite's BEGIN IMMEDIATE
-# already does.
-_SAMPLE_FOR_UPDATE = _SAMPLE_BY_SPECIMEN_ID.with_for_update()
-_ORDERED_OF_SAMPLE = (
-    select(OrderedTest.test_code, OrderedTest.id, OrderedTest.status)
-    .where(OrderedTest.sample_fk == bindparam("sample_id"))
+# The sample and its ordered tests come in one query (a sample with no tests gives one row
+# with NULL test columns).
+_SAMPLE_WITH_TESTS = (
+    select(Sample, OrderedTest.test_code, OrderedTest.id, OrderedTest.status)
+    .outerjoin(OrderedTest, OrderedTest.sample_fk == Sample.id)
+    .where(Sample.specimen_id == bindparam("specimen_id"))
     .order_by(OrderedTest.id)
 )
+# Serialises two writers on one sample (engine and a CLI user); SQLite's BEGIN IMMEDIATE
+# already does.
+_SAMPLE_WITH_TESTS_FOR_UPDATE = _SAMPLE_WITH_TESTS.with_for_update(of=Sample)
 _RESULTS_OF_SAMPLE = (
     select(Result.test_code, Result.is_current, Result.id, Result.status, Result.value_text,
            Result.value_number, Result.comparator, Result.units, Result.flag,
@@ -135,10 +137,22 @@ _RESULTS_OF_SAMPLE = (
 )
 
 
-def _lock_sample(session: Session, specimen_id: str) -> Sample | None:
+@dataclass(slots=True)
+class _Ordered:
+    id: int | None  # None: added by this call (accept_unordered), not flushed yet
+    status: str
+    row: OrderedTest | None = None  # the pending ORM object of an added test
+
+
+def _lock_sample(session: Session, specimen_id: str) -> tuple[Sample | None, dict[str, _Ordered]]:
+    """The sample (locked for this transaction) and its ordered tests by test code."""
     postgres = session.get_bind().dialect.name == "postgresql"
-    query = _SAMPLE_FOR_UPDATE if postgres else _SAMPLE_BY_SPECIMEN_ID
-    return session.scalar(query, {"specimen_id": specimen_id})
+    query = _SAMPLE_WITH_TESTS_FOR_UPDATE if postgres else _SAMPLE_WITH_TESTS
+    rows = session.execute(query, {"specimen_id": specimen_id}).all()
+    if not rows:
+        return None, {}
+    ordered = {code: _Ordered(ident, status) for _, code, ident, status in rows if code is not None}
+    return rows[0][0], ordered
 
 
 @dataclass(slots=True)
@@ -153,18 +167,6 @@ class _Stored:
     units: str
     flag: str
     is_critical: bool
-
-
-@dataclass(slots=True)
-class _Ordered:
-    id: int | None  # None: added by this call (accept_unordered), not flushed yet
-    status: str
-    row: OrderedTest | None = None  # the pending ORM object of an added test
-
-
-def _ordered(session: Session, sample: Sample) -> dict[str, _Ordered]:
-    rows = session.execute(_ORDERED_OF_SAMPLE, {"sample_id": sample.id})
-    return {code: _Ordered(ident, status) for code, ident, status in rows}
 
 
 def _result_history(session: Session, sample: Sample) -> tuple[dict[str, _Stored], int]:
@@ -255,7 +257,7 @@ def apply_results(
     actor = interface_actor(interface)
     bound = log.bind(interface=interface, sample_id=specimen_id, message_id=message_id)
 
-    sample = _lock_sample(session, specimen_id)
+    sample, ordered = _lock_sample(session, specimen_id)
     if sample is None:
         return ApplyOutcome.hold(
             UNKNOWN_SPECIMEN,
@@ -279,7 +281,6 @@ def apply_results(
             state,
         )
 
-    ordered = _ordered(session, sample)
     missing = [i.test_code for i in results if i.test_code not in ordered]
     if missing and not accept_unordered:
         codes = ", ".join(dict.fromkeys(missing))
