@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+
+from engine.adapters._peers import peer_text
 
 __all__ = [
     "CaptureFactory",
@@ -209,12 +210,6 @@ def _last_conn(path: Path) -> int | None:
 # ---------------------------------------------------------------------- Twisted wrapper
 
 
-def _peer_text(address: Any) -> str:
-    if isinstance(address, IPv4Address | IPv6Address):
-        return f"{address.host}:{address.port}"
-    return str(address)
-
-
 class CaptureProtocol(ProtocolWrapper):
     """Records each chunk in both directions, then passes it on unchanged."""
 
@@ -267,7 +262,7 @@ class CaptureFactory(WrappingFactory):
         inner = self.wrappedFactory.buildProtocol(addr)
         if inner is None:
             return None
-        return CaptureProtocol(self, inner, _peer_text(addr))
+        return CaptureProtocol(self, inner, peer_text(addr))
 
     def doStop(self) -> None:
         super().doStop()

@@ -14,7 +14,6 @@ drive the 15 / 20 / 30 s timers with ``task.Clock``.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,10 +26,10 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from engine.adapters._peers import host_allowed, parse_allowlist, peer_text
 from engine.errors import LocalProtocolError
 from engine.protocols.astm_link import (
     ASTMLink,
@@ -75,30 +74,6 @@ class ASTMHandler(TypingProtocol):
 
 class SendNotDelivered(Exception):
     """An outgoing message was given up after its attempts (see the reason)."""
-
-
-def parse_allowlist(
-    allowlist: Iterable[str] | None,
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
-    """``None`` allows everyone; otherwise a tuple of networks (CIDR or single hosts)."""
-    if allowlist is None:
-        return None
-    networks = []
-    for entry in allowlist:
-        try:
-            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
-        except ValueError as exc:
-            raise ValueError(
-                f"allowlist entry {entry!r} is not an IP address or CIDR network "
-                "(e.g. 10.1.2.3 or 10.1.2.0/24)"
-            ) from exc
-    return tuple(networks)
-
-
-def _peer_text(address: IAddress | Any) -> str:
-    if isinstance(address, IPv4Address | IPv6Address):
-        return f"{address.host}:{address.port}"
-    return str(address)
 
 
 @dataclass
@@ -336,16 +311,10 @@ class ASTMFactory(Factory):
         self.log = log.bind(interface=interface_name)
 
     def peer_allowed(self, host: str) -> bool:
-        if self.allowed is None:
-            return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.allowed)
+        return host_allowed(self.allowed, host)
 
     def buildProtocol(self, addr: Any) -> ASTMProtocol | None:
-        peer = _peer_text(addr)
+        peer = peer_text(addr)
         if isinstance(addr, IPv4Address | IPv6Address):
             if not self.peer_allowed(addr.host):
                 self.log.warning("astm.connection.refused", peer=peer, reason="not in allowlist")

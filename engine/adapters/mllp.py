@@ -7,7 +7,6 @@ is kept. The framing itself is the sans-I/O core :mod:`engine.protocols.mllp`.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Protocol as TypingProtocol
 
 import structlog
 from twisted.internet import defer, endpoints
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -23,6 +21,7 @@ from twisted.python.failure import Failure
 
 from drivers.hl7.ack import is_ack
 from drivers.hl7.parser import HL7ParseError, parse_message
+from engine.adapters._peers import host_allowed, parse_allowlist, peer_text
 from engine.errors import LocalProtocolError, RemoteProtocolError
 from engine.protocols.mllp import (
     COMMIT_ACK,
@@ -60,29 +59,6 @@ class MLLPHandler(TypingProtocol):
     """
 
     def message_received(self, raw: bytes, peer: str, interface: str) -> Deferred[Reply]: ...
-
-
-def _peer_text(address: Any) -> str:
-    if isinstance(address, IPv4Address | IPv6Address):
-        return f"{address.host}:{address.port}"
-    return str(address)
-
-
-def _parse_allowlist(
-    allowlist: Iterable[str] | None,
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
-    if allowlist is None:
-        return None
-    networks = []
-    for entry in allowlist:
-        try:
-            networks.append(ipaddress.ip_network(str(entry).strip(), strict=False))
-        except ValueError as exc:
-            raise ValueError(
-                f"allowlist entry {entry!r} is not an IP address or CIDR network "
-                "(e.g. 10.1.2.3 or 10.1.2.0/24)"
-            ) from exc
-    return tuple(networks)
 
 
 class MLLPServerProtocol(Protocol):
@@ -326,22 +302,16 @@ class MLLPServerFactory(Factory):
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self.allowlist = _parse_allowlist(allowlist)
+        self.allowlist = parse_allowlist(allowlist)
         self.mllp_release = mllp_release
         self.clock: Any = clock
         self.connections: set[MLLPServerProtocol] = set()
 
     def peer_allowed(self, host: str) -> bool:
-        if self.allowlist is None:
-            return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.allowlist)
+        return host_allowed(self.allowlist, host)
 
     def buildProtocol(self, addr: Any) -> MLLPServerProtocol | None:
-        peer = _peer_text(addr)
+        peer = peer_text(addr)
         host = getattr(addr, "host", "")
         if not self.peer_allowed(host):
             log.warning(
