@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 __all__ = [
     "DEFAULT_DELIMITERS",
@@ -168,11 +169,13 @@ class Record:
     raw: str
     fields: tuple[str, ...]
     delimiters: Delimiters
+    # Record type, upper-cased (PROTOCOLS 55: case-insensitive). Worked out once: a decode
+    # asks for it several times per record.
+    type: str = dataclass_field(init=False, repr=False, compare=False)
 
-    @property
-    def type(self) -> str:
-        """Record type, upper-cased (PROTOCOLS 55: case-insensitive)."""
-        return self.fields[0].strip().upper()[:1] if self.fields else ""
+    def __post_init__(self) -> None:
+        rtype = self.fields[0].strip().upper()[:1] if self.fields else ""
+        object.__setattr__(self, "type", rtype)
 
     @property
     def sequence(self) -> str:
@@ -185,18 +188,23 @@ class Record:
 
     def repeats(self, number: int) -> list[str]:
         raw = self.field(number)
-        if self.type == "H" and number == 2:
+        if number == 2 and self.type == "H":
             return [raw]  # PROTOCOLS 49: H-2 is the delimiter definition itself
         return raw.split(self.delimiters.repeat)
 
     def components(self, number: int, repeat: int = 0) -> list[str]:
         """Components of one repeat of a field, each unescaped."""
-        reps = self.repeats(number)
+        raw = self.fields[number - 1] if 0 < number <= len(self.fields) else ""
+        if number == 2 and self.type == "H":
+            return [raw] if repeat == 0 else [""]  # PROTOCOLS 49, as in repeats()
+        delims = self.delimiters
+        reps = raw.split(delims.repeat)
         if repeat >= len(reps):
             return [""]
-        if self.type == "H" and number == 2:
-            return [reps[0]]
-        return [unescape(c, self.delimiters) for c in reps[repeat].split(self.delimiters.component)]
+        parts = reps[repeat].split(delims.component)
+        if delims.escape not in reps[repeat]:
+            return parts  # nothing to unescape: the common case, spared a call per component
+        return [unescape(c, delims) for c in parts]
 
     def value(self, number: int, component: int = 1, repeat: int = 0) -> str:
         """One component (1-based) of one repeat of a field, unescaped; '' when absent."""

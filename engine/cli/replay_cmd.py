@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from engine.capture import CaptureFormatError, CaptureRecord, read_capture
+from engine.cli._client import parse_target
 
 PHI_WARNING = (
     "note: {path} contains patient data as it crossed the wire; keep it on this machine "
@@ -223,14 +224,6 @@ def capture_show(file: Path, conn: int | None) -> None:
 # --------------------------------------------------------------------------- replay
 
 
-def _parse_target(to: str) -> tuple[str, int]:
-    host, sep, port_text = to.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise click.BadParameter(f"{to!r} is not HOST:PORT (e.g. 127.0.0.1:2575)",
-                                 param_hint="--to")
-    return host.strip("[]"), int(port_text)
-
-
 def _replay_hl7(reactor: Any, host: str, port: int, conns: Sequence[Connection],
                 timeout: float, lines: list[str]) -> Any:
     from twisted.internet import defer
@@ -320,7 +313,7 @@ def replay(capture_file: Path, to: str, protocol: str | None, direction: str,
     Example:
       labrelay replay captures/chem-hl7-20250303.jsonl --to 127.0.0.1:12575
     """
-    host, port = _parse_target(to)
+    host, port = parse_target(to)
     click.echo(PHI_WARNING.format(path=capture_file), err=True)
     try:
         conns = connections(read_capture(capture_file, conn=conn), direction)

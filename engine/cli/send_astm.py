@@ -16,15 +16,7 @@ from typing import Any
 import click
 
 from drivers.astm.files import read_astm_file
-
-
-def _parse_target(to: str) -> tuple[str, int]:
-    host, sep, port_text = to.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise click.BadParameter(
-            f"{to!r} is not HOST:PORT (e.g. 127.0.0.1:5000)", param_hint="--to"
-        )
-    return host.strip("[]"), int(port_text)
+from engine.cli._client import parse_target, run_client
 
 
 @click.command("send_astm")
@@ -79,32 +71,21 @@ def send_astm(
             labels.append(f"{name}#{n}")
             sessions.append(session)
 
-    from twisted.internet import task
 
     from engine.adapters.astm_send import SendReport
     from engine.adapters.astm_send import send_astm as send
 
-    outcome: dict[str, SendReport] = {}
     target: dict[str, Any] = {}
     if to is not None:
-        target["host"], target["port"] = _parse_target(to)
+        target["host"], target["port"] = parse_target(to)
     else:
         target["serial_device"] = serial
         target["baudrate"] = baud
 
-    def main(reactor: Any) -> Any:
-        d = send(reactor, sessions, timeout=timeout, listen_after=listen_after, **target)
-        d.addCallback(lambda report: outcome.update(r=report))
-        return d
-
-    try:
-        task.react(main)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise click.ClickException("sending failed; see the messages above") from exc
-    report = outcome.get("r")
-    if report is None:
-        raise click.ClickException("no report: the exchange did not finish")
+    report: SendReport = run_client(
+        lambda reactor: send(reactor, sessions, timeout=timeout, listen_after=listen_after,
+                             **target)
+    )
     for frame in report.frames:
         label = labels[frame.session] if 0 <= frame.session < len(labels) else "?"
         click.echo(f"{label}.{frame.frame + 1} FN {frame.fn} {frame.answer}")

@@ -10,22 +10,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import click
 
 from drivers.hl7.parser import split_messages
 from engine.adapters.mllp import AckResult
-
-
-def parse_target(to: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
-    host, sep, port_text = to.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise click.BadParameter(
-            f"{to!r} is not HOST:PORT (e.g. 127.0.0.1:2575)", param_hint="--to"
-        )
-    return host.strip("[]"), int(port_text)
+from engine.cli._client import parse_target, run_client
 
 
 def result_lines(labels: Sequence[str], results: Sequence[AckResult]) -> list[str]:
@@ -95,24 +85,13 @@ def send_hl7(
             labels.append(f"{name}#{n}")
             messages.append(message)
 
-    from twisted.internet import task
 
     from engine.adapters.mllp import send_messages
 
-    outcome: dict[str, list[AckResult]] = {}
-
-    def main(reactor: Any) -> Any:
-        d = send_messages(reactor, host, port, messages, timeout=timeout, tls=tls,
-                          ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-        d.addCallback(lambda results: outcome.update(r=results))
-        return d
-
-    try:
-        task.react(main)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise click.ClickException("sending failed; see the messages above") from exc
-    results = outcome.get("r", [])
+    results: list[AckResult] = run_client(
+        lambda reactor: send_messages(reactor, host, port, messages, timeout=timeout, tls=tls,
+                                      ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    )
     for line in result_lines(labels, results):
         click.echo(line)
     if len(results) != len(messages) or not all(r.ok for r in results):
