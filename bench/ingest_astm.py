@@ -2,18 +2,22 @@
 
 1. TCP: an instrument-side client sends H P O R*25 L messages (one ENQ...EOT session
    each, 240-character frames, waiting for every ACK) into `labrelay run` on SQLite;
-   prints messages/s and per-message latency p50/p99.
+   prints messages/s and per-message latency p50/p99, for one connection and for eight
+   instruments at once (each on its own connection, each waiting for its own ACKs).
 2. RS-232 at 9600 baud over a pty: the engine reads the pty through Twisted's SerialPort;
    the sender paces its bytes at the line rate (8N1: 960 bytes/s) and waits for each ACK,
    as a real line would. Prints achieved bytes/s (protocol bytes included, both ways) as
    a share of the line rate.
 
-    .venv/bin/python bench/ingest_astm.py [--messages 1000] [--serial-messages 10]
+    .venv/bin/python bench/ingest_astm.py [--messages 1000] [--serial-messages 10] [--quick]
+
+``--quick``: 300 messages per TCP case and 2 over the serial line (about a minute).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import socket
@@ -66,6 +70,7 @@ interfaces:
     mapping: {mapping}
     transport:
       {transport}
+    limits: {{max_connections: 16}}
 """
 
 
@@ -122,10 +127,53 @@ def stop_engine(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
-def bench_tcp(workdir: Path, mapping: Path, count: int) -> None:
+async def _instrument(port: int, texts: list[bytes], latencies: list[float]) -> None:
+    """One analyzer on its own connection: ENQ, frames (each waits for its ACK), EOT."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def reply() -> bytes:
+        while True:
+            data = await asyncio.wait_for(reader.read(64), 30)
+            if not data:
+                raise ConnectionError("engine closed the connection")
+            for byte in data:
+                if bytes([byte]) in (ACK, NAK, EOT):
+                    return bytes([byte])
+
+    for text in texts:
+        started = time.perf_counter()
+        writer.write(ENQ)
+        if await reply() != ACK:
+            raise RuntimeError("ENQ not acknowledged")
+        for frame in wire_frames(text):
+            for _attempt in range(6):
+                writer.write(frame)
+                if await reply() == ACK:
+                    break
+            else:
+                raise RuntimeError("frame refused 6 times")
+        writer.write(EOT)
+        latencies.append(time.perf_counter() - started)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def _instruments(
+    port: int, connections: int, texts: list[bytes]
+) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    started = time.perf_counter()
+    await asyncio.gather(*(_instrument(port, texts[i::connections], latencies)
+                           for i in range(connections)))
+    return time.perf_counter() - started, latencies
+
+
+def bench_tcp(workdir: Path, mapping: Path, count: int, connections: int) -> None:
     from bench.ingest_hl7 import _wait_listening, free_port
 
-    url = f"sqlite:///{workdir / 'astm-tcp.db'}"
+    url = f"sqlite:///{workdir / f'astm-tcp-{connections}.db'}"
     prepare_database(url, count)
     port = free_port()
     config = workdir / "astm-tcp.yaml"
@@ -133,22 +181,12 @@ def bench_tcp(workdir: Path, mapping: Path, count: int) -> None:
     process = start_engine(config, url, workdir)
     try:
         _wait_listening(port, process)
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(30)
-        line = Line(sock.sendall, lambda: sock.recv(64), pace=False)
-        latencies = []
-        started = time.perf_counter()
-        for i in range(count):
-            t0 = time.perf_counter()
-            line.session(astm_message(f"B{i:07d}"))
-            latencies.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - started
-        sock.close()
+        texts = [astm_message(f"B{i:07d}") for i in range(count)]
+        elapsed, latencies = asyncio.run(_instruments(port, connections, texts))
     finally:
         stop_engine(process)
     latencies.sort()
-    print(f"TCP, SQLite, 25 results/message: {count / elapsed:7.0f} msg/s   "
+    print(f"TCP, SQLite, 25 results/message, x{connections}: {count / elapsed:7.0f} msg/s   "
           f"p50 {statistics.median(latencies) * 1000:5.1f} ms   "
           f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:5.1f} ms")
 
@@ -196,11 +234,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--serial-messages", type=int, default=10)
+    parser.add_argument("--quick", action="store_true",
+                        help="300 messages per TCP case, 2 over the serial line")
     args = parser.parse_args()
+    if args.quick:
+        args.messages, args.serial_messages = 300, 2
     workdir = Path(tempfile.mkdtemp(prefix="labrelay-astm-bench-"))
     mapping = workdir / "bench-astm.yaml"
     mapping.write_text(mapping_yaml())
-    bench_tcp(workdir, mapping, args.messages)
+    for connections in (1, 8):
+        bench_tcp(workdir, mapping, args.messages, connections)
     bench_serial(workdir, mapping, args.serial_messages)
 
 

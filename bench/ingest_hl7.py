@@ -6,9 +6,9 @@ applying all 25 results to a sample that was ordered and received. The same load
 a bare Twisted MLLP server that only stores the raw bytes gives the ceiling on this
 machine; the ratio says what decoding, mapping and applying cost.
 
-    .venv/bin/python bench/ingest_hl7.py [--messages 2000] [--postgres URL]
+    .venv/bin/python bench/ingest_hl7.py [--messages 2000] [--postgres URL] [--quick]
 
-Prints messages/s and ACK latency p50/p99 per case.
+Prints messages/s and ACK latency p50/p99 per case. ``--quick``: 300 messages per case.
 """
 
 from __future__ import annotations
@@ -196,7 +196,10 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--postgres",
                         default=os.environ.get("LABRELAY_BENCH_POSTGRES", DEFAULT_PG))
+    parser.add_argument("--quick", action="store_true", help="300 messages per case")
     args = parser.parse_args()
+    if args.quick:
+        args.messages = 300
     workdir = Path(tempfile.mkdtemp(prefix="labrelay-bench-"))
     mapping = workdir / "bench.yaml"
     mapping.write_text(mapping_yaml())

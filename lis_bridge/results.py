@@ -339,10 +339,10 @@ def apply_results(
     # --- writes
     # A 25-result message used to cost ~30 ORM flushes (one per result for its id, more
     # for transitions and the completion check). Instead: one multi-row INSERT of the
-    # results (RETURNING their ids in input order), one UPDATE per new ordered-test
-    # status, the completion decided from what was loaded above (the sample row is locked,
-    # so nobody else changes its tests meanwhile), and the ORM flushes the sample and its
-    # audit rows once, with the caller's transaction.
+    # results (RETURNING their ids), one UPDATE per new ordered-test status, the completion
+    # decided from what was loaded above (the sample row is locked, so nobody else changes
+    # its tests meanwhile), and one ORM flush at the end for the sample's moves and their
+    # audit rows.
     if state in (SampleState.COLLECTED, SampleState.IN_TRANSIT):
         lifecycle.transition(session, sample, SampleState.RECEIVED_AT_LAB, actor=actor,
                              note="auto-received", at=when, flush=False)
@@ -431,6 +431,9 @@ def apply_results(
                                  at=when, flush=False)
         _enqueue_render(session, sample, row_count, reason=f"correction: {codes}")
 
+    # One flush for the sample's moves, their audit rows and any added tests: the caller
+    # (a savepoint, a later query) sees everything of this call in the database.
+    session.flush()
     bound.info("lis.results.applied", written=len(result_ids), unchanged=unchanged,
                state=sample.state)
     return ApplyOutcome(

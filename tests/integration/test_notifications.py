@@ -37,6 +37,14 @@ from lis_bridge.outbox import RetryPolicy, enqueue
 
 # Outbox rows are due from the wall-clock time they were written: start just after it.
 T0 = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_t0() -> None:
+    """T0 is "a minute from now" for each test: jobs are queued at the real time, so a T0
+    fixed at import would fall behind them in a long suite."""
+    global T0
+    T0 = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=1)
 PATIENT_NAME = "Zofia Kowalska-Nowak"
 
 
