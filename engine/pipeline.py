@@ -206,7 +206,7 @@ _EITHER = union_all(
                         _RAW.control_id == bindparam("control_id"), rank=0)),
     _SAME_BYTES,
 ).subquery()
-_SAME_CONTROL_ID_OR_BYTES = select(_EITHER.c.id, _EITHER.c.ack_code).order_by(
+_SAME_CONTROL_ID_OR_BYTES = select(_EITHER.c.id, _EITHER.c.ack_code, _EITHER.c.rank).order_by(
     _EITHER.c.rank).limit(1)
 
 
@@ -223,7 +223,28 @@ def _find_duplicate(
     else:
         query = _SAME_BYTES
     found = session.execute(query, params).first()
-    return (found[0], found[1]) if found is not None else None
+    if found is None:
+        return None
+    if row.protocol == "hl7" and row.control_id and found[2] == 0:
+        # Same sender and MSH-10 but other bytes: a resend that only restamped MSH-7, or an
+        # analyzer that reuses control ids (counters restart after a reboot). Only the
+        # first is a duplicate; treating the second as one would drop real results.
+        earlier = session.get(RawMessage, found[0])
+        if earlier is not None and earlier.sha256 != row.sha256 and (
+            _after_msh(earlier.payload) != _after_msh(row.payload)
+        ):
+            log.warning("hl7.control_id.reused", interface=rt.name, control_id=row.control_id,
+                        earlier_message_id=earlier.id)
+            same_bytes = session.execute(_SAME_BYTES, params).first()
+            return (same_bytes[0], same_bytes[1]) if same_bytes is not None else None
+    return (found[0], found[1])
+
+
+def _after_msh(payload: bytes) -> bytes:
+    """The message without its MSH segment (whatever the segment terminator)."""
+    cut = min((i for i in (payload.find(b"\r"), payload.find(b"\n")) if i >= 0),
+              default=len(payload))
+    return payload[cut:].lstrip(b"\r\n")
 
 
 def apply_stored(
@@ -529,7 +550,15 @@ class Pipeline:
         started = time.perf_counter()
         stats = self.stats[interface]
         stats.received += 1
-        d = self.writer.submit(lambda s: ingest(s, rt, raw, peer, apply_now=apply_now))
+        is_hl7 = rt.config.protocol == "hl7"
+
+        def work(session: Session) -> IngestResult:
+            result = ingest(session, rt, raw, peer, apply_now=apply_now)
+            if is_hl7:
+                _record_hl7_ack_code(session, rt, raw, result)
+            return result
+
+        d = self.writer.submit(work)
 
         def done(result: IngestResult) -> IngestResult:
             stats.last_latency_ms = (time.perf_counter() - started) * 1000
@@ -579,7 +608,7 @@ class HL7Handler:
         return d
 
     def _ack(self, raw: bytes, interface: str, result: IngestResult) -> bytes | list[bytes] | None:
-        from drivers.hl7.ack import AckError, Outcome, ack_plan, build_ack, build_reject_ack
+        from drivers.hl7.ack import AckError, ack_plan, build_ack, build_reject_ack
         from drivers.hl7.parser import HL7ParseError, parse_message
 
         if result.outcome == "ack":
@@ -598,23 +627,16 @@ class HL7Handler:
         msh15, msh16 = parsed.msh.field(15), parsed.msh.field(16)
         errors: list[AckError] = []
         text = ""
+        outcome = ack_outcome(result, rt.config.held_ack)
         if result.outcome == "duplicate":
-            outcome = {"AE": Outcome.APPLICATION_ERROR, "AR": Outcome.REJECTED}.get(
-                result.original_ack_code, Outcome.ACCEPTED)
             text = "duplicate of an earlier message; not applied again"
         elif result.outcome == "held":
-            outcome = Outcome.APPLICATION_ERROR
-            if rt.config.held_ack == "AA":
-                outcome = Outcome.ACCEPTED
             text = f"stored as message #{result.message_id} and held: {result.hold_reason}"
             errors.append(AckError(code=_err_code(result.hold_reason), severity="E",
                                    message=f"{result.hold_reason}: {result.hold_detail[:400]}"))
         elif result.outcome == "rejected":
-            outcome = Outcome.REJECTED
             text = f"message could not be decoded; kept as message #{result.message_id}"
             errors.append(AckError(code=207, message=result.hold_detail[:400]))
-        else:
-            outcome = Outcome.ACCEPTED
         codes = ack_plan(msh15, msh16, outcome)
         if not codes:
             return None
@@ -623,17 +645,7 @@ class HL7Handler:
             build_ack(parsed, code, f"{control_id}{suffix}", now, text=text, errors=errors)
             for code, suffix in zip(codes, ("", "A"), strict=False)
         ]
-        if result.outcome != "duplicate":
-            self._record_ack_code(result.message_id, codes[-1])
         return acks[0] if len(acks) == 1 else acks
-
-    def _record_ack_code(self, message_id: int, code: str) -> None:
-        def work(session: Session) -> None:
-            row = session.get(RawMessage, message_id)
-            if row is not None:
-                row.ack_code = code
-
-        self.pipeline.writer.submit(work).addErrback(lambda _f: None)
 
     def _storage_failed(self, raw: bytes, interface: str, failure: Failure) -> bytes | None:
         from drivers.hl7.ack import AckError, Outcome, ack_plan, build_ack, build_reject_ack
@@ -653,6 +665,41 @@ class HL7Handler:
             return None
         return build_ack(parsed, codes[0], control_id, now, text=text,
                          errors=[AckError(code=207, message=text)])
+
+
+def ack_outcome(result: IngestResult, held_ack: str) -> Any:
+    """What the HL7 ACK reports for ``result`` (a drivers.hl7.ack.Outcome)."""
+    from drivers.hl7.ack import Outcome
+
+    if result.outcome == "duplicate":
+        return {"AE": Outcome.APPLICATION_ERROR, "AR": Outcome.REJECTED}.get(
+            result.original_ack_code, Outcome.ACCEPTED)
+    if result.outcome == "held":
+        return Outcome.ACCEPTED if held_ack == "AA" else Outcome.APPLICATION_ERROR
+    if result.outcome == "rejected":
+        return Outcome.REJECTED
+    return Outcome.ACCEPTED
+
+
+def _record_hl7_ack_code(session: Session, rt: InterfaceRuntime, raw: bytes,
+                         result: IngestResult) -> None:
+    """Store the code the ACK will carry, in the unit that stored the message: a duplicate
+    is answered with it later, and no second commit is spent per message."""
+    from drivers.hl7.ack import ack_plan
+    from drivers.hl7.parser import HL7ParseError, parse_message
+
+    if result.outcome in ("duplicate", "ack"):
+        return
+    try:
+        msh = parse_message(raw, encoding=rt.config.encoding, header_only=True).msh
+    except HL7ParseError:
+        code = "AR"
+    else:
+        codes = ack_plan(msh.field(15), msh.field(16), ack_outcome(result, rt.config.held_ack))
+        code = codes[-1] if codes else ""
+    row = session.get(RawMessage, result.message_id)  # in the identity map: no query
+    if row is not None:
+        row.ack_code = code
 
 
 def _err_code(reason: str) -> int:

@@ -153,3 +153,17 @@ class StorageDownTests(unittest.TestCase):
 
         d.addCallback(check)
         return d
+
+
+def test_control_id_reuse_with_other_content_is_not_a_duplicate(sessions) -> None:  # type: ignore[no-untyped-def]
+    """PROTOCOLS 90: a resend (same MSH-10, only MSH-7 restamped) is a duplicate; an analyzer
+    that restarts its counter sends the same MSH-10 with new results, which must not be
+    dropped as a duplicate."""
+    rt = runtime()
+    first = apply(sessions, rt, oru("c-1", "P-7", value="5.4"))
+    restamped = apply(sessions, rt, oru("c-1", "P-7", value="5.4").replace(
+        b"20250303101500", b"20250303101600"))
+    assert restamped.outcome == "duplicate"
+    reused = apply(sessions, rt, oru("c-1", "P-7", value="7.9"))
+    assert reused.outcome != "duplicate"
+    assert reused.message_id not in (first.message_id, restamped.message_id)
