@@ -479,7 +479,9 @@ def build_outbox_runner(config: Any, database_url: str, reactor: Any = None) -> 
     """The runner for ``EngineConfig``: reports disabled (jobs wait) without a signing key."""
     report_settings: ReportSettings | None
     try:
-        report_settings = report_settings_from_config(config)
+        from engine.report_names import with_mapping_names
+
+        report_settings = with_mapping_names(report_settings_from_config(config), config)
     except LabrelayError as exc:
         log.error("outbox.reports.disabled", reason=str(exc))
         report_settings = None

@@ -80,6 +80,10 @@ class ReportSettings:
     signatory_name: str = ""
     signatory_title: str = ""
     key_id: str = "k1"
+    # test_code -> panel / display name, from the mappings (the engine fills them in):
+    # results are grouped by panel and shown by name. Tuples keep the settings hashable.
+    test_panels: tuple[tuple[str, str], ...] = ()
+    test_names: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.signing_key) < 16:
@@ -787,7 +791,8 @@ def plan_report(
     sample = session.get(Sample, sample_id)
     if sample is None or sample.state not in (SampleState.COMPLETED, SampleState.REPORTED):
         return None
-    data = gather_report_data(session, sample.id, panels, display_names)
+    data = gather_report_data(session, sample.id, panels or dict(settings.test_panels),
+                              display_names or dict(settings.test_names))
     digest = content_hash(data)
     latest = _latest_report(session, sample.id)
     if latest is not None and latest.content_hash == digest:
@@ -841,7 +846,8 @@ def render_report_outcome(
             "sample is COMPLETED (every ordered test final or cancelled)"
         )
     bound = log.bind(sample_id=sample.id)
-    data = gather_report_data(session, sample.id, panels, display_names)
+    data = gather_report_data(session, sample.id, panels or dict(settings.test_panels),
+                              display_names or dict(settings.test_names))
     digest = content_hash(data)
     latest = _latest_report(session, sample.id)
 

@@ -123,10 +123,10 @@ def run_cmd(state: CliState, once: bool, interval: float) -> None:
       labrelay -c config/labrelay.example.yaml outbox run --once
       labrelay -c config/labrelay.example.yaml outbox run --interval 2
     """
+    from engine.cli.reports_cmd import report_settings_from_config
     from engine.errors import LabrelayError
     from engine.outbox_runner import OutboxRunner, run_once, summary_line
     from lis_bridge.notifications import notification_settings_from_config
-    from lis_bridge.reports import report_settings_from_config
 
     cfg = state.load_config()
     url = state.database_url()

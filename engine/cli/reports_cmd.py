@@ -12,10 +12,12 @@ from engine.cli import CliState, config_option, database_option, pass_state
 
 
 def report_settings_from_config(cfg: Any) -> Any:
-    """ReportSettings from the engine configuration (EngineConfig or its `reports:`)."""
+    """ReportSettings from the engine configuration, with test panels and names from the
+    interfaces' mappings."""
+    from engine.report_names import with_mapping_names
     from lis_bridge.reports import report_settings_from_config as build
 
-    return build(cfg)
+    return with_mapping_names(build(cfg), cfg)
 
 
 def _actor() -> str:
