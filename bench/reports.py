@@ -10,6 +10,7 @@ Run: ``.venv/bin/python bench/reports.py [--reports 500]``.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from engine.logging import configure_logging, configure_worker_logging
 from lis_bridge.db import make_engine, session_factory, transaction, upgrade
 from lis_bridge.models import (
     OrderedTest,
@@ -78,7 +80,10 @@ def _warm(_n: int) -> int:
 
 def run(url: str, settings: ReportSettings, ids: list[int], workers: int) -> float:
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    # Workers log like the engine, at WARNING here so the figures are readable.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                             initializer=configure_worker_logging,
+                             initargs=("console", logging.WARNING, False)) as pool:
         list(pool.map(_warm, range(workers * 2)))
         start = time.perf_counter()
         results = list(pool.map(render_job, [url] * len(ids), ids, [settings] * len(ids),
@@ -92,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reports", type=int, default=500)
     args = parser.parse_args()
+    configure_logging("console", logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'bench.db'}"
         engine = make_engine(url)

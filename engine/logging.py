@@ -44,6 +44,9 @@ PHI_KEYS = frozenset(
 )
 REDACTED = "[redacted]"
 
+# (format, level, to stdout) of the last configure_logging(): worker processes repeat it.
+_ACTIVE: tuple[str, int, bool] = ("console", logging.INFO, False)
+
 # Inside free text (an exception message, an event name someone wrote badly) an HL7 PID
 # segment or an ASTM P record may appear: blank everything after the segment id.
 _HL7_PID = re.compile(r"PID\|[^\r\n]*")
@@ -95,9 +98,11 @@ def configure_logging(
     The engine (`labrelay run`) logs to stdout; other commands log to stderr so their
     own output stays clean for pipes.
     """
+    global _ACTIVE
     stream = stream if stream is not None else sys.stderr
     tty = hasattr(stream, "isatty") and stream.isatty()
     use_json = log_format == "json" or (log_format == "auto" and not tty)
+    _ACTIVE = ("json" if use_json else "console", level, stream is sys.stdout)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
@@ -133,3 +138,13 @@ def route_twisted_logs() -> None:
 
     observer = ILogObserver(STDLibLogObserver(name="twisted"))
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def worker_logging_setup() -> tuple[str, int, bool]:
+    """Arguments for :func:`configure_worker_logging` in a child process."""
+    return _ACTIVE
+
+
+def configure_worker_logging(log_format: str, level: int, to_stdout: bool) -> None:
+    """Process-pool initializer: report workers log like the engine, PHI filter included."""
+    configure_logging(log_format, level, stream=sys.stdout if to_stdout else sys.stderr)

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from engine.errors import LabrelayError
+from engine.logging import configure_worker_logging, worker_logging_setup
 from engine.notify import send as default_send
 from lis_bridge.db import make_engine, session_factory, transaction
 from lis_bridge.models import JobStatus, OutboxJob, utcnow
@@ -277,7 +278,9 @@ def run_once(
         if tasks and workers > 0:
             assert report_settings is not None
             context = multiprocessing.get_context("forkserver")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                     initializer=configure_worker_logging,
+                                     initargs=worker_logging_setup()) as pool:
                 futures = [(t, pool.submit(render_job, database_url, t.sample_id,
                                            report_settings)) for t in tasks]
                 for task, future in futures:
@@ -372,6 +375,8 @@ class OutboxRunner(Service):
             self._executor = ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context(self.mp_context),
+                initializer=configure_worker_logging,
+                initargs=worker_logging_setup(),
             )
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.clock
