@@ -32,19 +32,53 @@ def run_cmd(state: CliState) -> None:
     configure_logging(state.log_format, stream=sys.stdout)
     config = state.load_config()
     database_url = state.database_url()
+    _check_database(database_url)
     route_twisted_logs()
     service = EngineService(config, database_url, reactor)
+    failed: list[str] = []
 
     def start() -> None:
         try:
             service.startService()
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - reported, then the engine stops with exit 1
+            import structlog
+
+            structlog.get_logger(__name__).critical(
+                "engine.start.failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+            failed.append(str(exc))
             reactor.stop()  # type: ignore[attr-defined]
-            raise
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
+    if failed:
+        raise click.ClickException(f"the engine did not start: {failed[0][:300]}")
+
+
+def _check_database(url: str) -> None:
+    """Refuse to start, with a clear reason, when the database cannot be reached or is not
+    at this version's schema (SQLite is created and upgraded on first run)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from lis_bridge.db import ensure_current, make_engine, upgrade
+
+    engine = make_engine(url)
+    shown = engine.url.render_as_string(hide_password=True)
+    try:
+        if engine.dialect.name == "sqlite":
+            upgrade(engine)
+        else:
+            ensure_current(engine)
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        first = (str(cause).strip().splitlines() or [type(exc).__name__])[0]
+        raise click.ClickException(
+            f"cannot open the database {shown}: {first}. Check that the server runs and the "
+            "URL (--database, LABRELAY_DATABASE_URL or `database:` in the config) is right; "
+            "the engine did not start."
+        ) from exc
+    finally:
+        engine.dispose()
 
 
 def register(group: click.Group) -> None:

@@ -105,3 +105,18 @@ def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"copy config/labrelay\.example\.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_run_refuses_an_unreachable_database_with_a_clear_reason(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "run", "--config",
+         str(REPO / "config" / "labrelay.example.yaml"),
+         "--database", "postgresql+psycopg2://postgres@127.0.0.1:9/nowhere"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+    )
+    assert done.returncode == 1
+    assert "cannot open the database" in done.stderr and "did not start" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
