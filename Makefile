@@ -34,8 +34,10 @@ pytest: $(VENV)/.installed
 
 test: lint typecheck pytest
 
+BENCHES = bench/mllp_framer.py bench/ingest_hl7.py bench/ingest_astm.py bench/reports.py
+
 bench: $(VENV)/.installed
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in $(BENCHES); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
