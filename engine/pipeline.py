@@ -309,6 +309,29 @@ def _apply(
     return result
 
 
+def store_internal_error(
+    session: Session, rt: InterfaceRuntime, raw: bytes, peer: str, error: str
+) -> IngestResult:
+    """Store a message that labrelay failed to process, HELD with INTERNAL_ERROR."""
+    row = RawMessage(
+        interface=rt.name, direction="in", protocol=rt.config.protocol, peer=peer[:100],
+        payload=raw, sha256=hashlib.sha256(raw).hexdigest(), size=len(raw),
+        status=MessageStatus.HELD, hold_reason=INTERNAL_ERROR,
+        hold_detail=(f"labrelay could not process this message ({error}); the bytes are "
+                     "kept. Report it with `labrelay messages show ID`; after a fix, "
+                     "`labrelay messages reprocess ID`")[:2000],
+        attempts=1,
+    )
+    session.add(row)
+    session.flush()
+    hold = _Hold(INTERNAL_ERROR, row.hold_detail)
+    _alert_held(session, rt, row, hold)
+    result = IngestResult(row.id, row.status, "held", INTERNAL_ERROR, row.hold_detail)
+    if rt.config.protocol == "hl7":
+        _record_hl7_ack_code(session, rt, raw, result)
+    return result
+
+
 def _alert_held(session: Session, rt: InterfaceRuntime, row: RawMessage, hold: _Hold) -> None:
     """A held message raises an engine alert in the same transaction (outbox): a misprinted
     barcode or a missing mapping must reach a person, not wait in a table."""
@@ -574,11 +597,20 @@ class Pipeline:
                 self._apply_later(rt, result.message_id)
             return result
 
-        def failed(failure: Failure) -> Failure:
-            stats.storage_failures += 1
-            log.error("message.not_stored", interface=interface, peer=peer,
-                      error=failure.getErrorMessage()[:300])
-            return failure
+        def failed(failure: Failure) -> Failure | Deferred[IngestResult]:
+            if failure.check(StorageError):
+                stats.storage_failures += 1
+                log.error("message.not_stored", interface=interface, peer=peer,
+                          error=failure.getErrorMessage()[:300])
+                return failure
+            # A fault in labrelay itself while decoding or applying (the unit was rolled
+            # back): keep the bytes, hold them, raise an alert, answer AE; never loop on it.
+            kind = getattr(failure.type, "__name__", "Exception")
+            error = f"{kind}: {failure.getErrorMessage()}"[:300]
+            log.error("message.internal_error", interface=interface, peer=peer, error_type=kind)
+            kept = self.writer.submit(lambda s: store_internal_error(s, rt, raw, peer, error))
+            kept.addCallback(done)
+            return kept
 
         d.addCallbacks(done, failed)
         return d

@@ -167,3 +167,42 @@ def test_control_id_reuse_with_other_content_is_not_a_duplicate(sessions) -> Non
     reused = apply(sessions, rt, oru("c-1", "P-7", value="7.9"))
     assert reused.outcome != "duplicate"
     assert reused.message_id not in (first.message_id, restamped.message_id)
+
+
+class _FaultyDriver:
+    """A driver with a bug: labrelay must keep the bytes and answer, not loop or drop."""
+
+    name = "faulty"
+    protocol = "hl7"
+
+    def detect(self, raw: bytes) -> bool:
+        return True
+
+    def decode(self, raw: bytes) -> object:
+        raise ZeroDivisionError("driver bug")
+
+
+class InternalErrorTests(unittest.TestCase):
+    def test_a_bug_while_processing_keeps_the_bytes_and_answers_ae(self) -> None:
+        import tempfile
+
+        url = f"sqlite:///{tempfile.mkdtemp()}/lis.db"
+        engine = make_engine(url)
+        upgrade(engine)
+        writer = DatabaseWriter(session_factory(engine), reactor)
+        writer.start()
+        self.addCleanup(writer.stop)
+        rt = runtime()
+        rt.driver = _FaultyDriver()  # type: ignore[assignment]
+        handler = HL7Handler(Pipeline(writer, {rt.name: rt}))
+        raw = oru("bug-1", "P-1")
+        d = handler.message_received(raw, "127.0.0.1:5", rt.name)
+
+        def check(ack: bytes) -> None:
+            assert b"MSA|AE|bug-1" in ack and b"INTERNAL_ERROR" in ack
+            with session_factory(engine)() as session:
+                row = session.scalars(select(RawMessage)).one()
+                assert row.payload == raw and row.hold_reason == "INTERNAL_ERROR"
+
+        d.addCallback(check)
+        return d
