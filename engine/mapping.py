@@ -423,9 +423,13 @@ class AnalyzerMapping:
             rule, observation.reference_range, conversion, sex, age_years, raw_code, warnings
         )
         flag = self._analyzer_flag(observation.flags, raw_code, warnings)
-        if not flag and number is not None and bounds is not None:
-            flag = _flag_from_range(comparator, number, bounds[0], bounds[1]) or ""
-        is_critical = flag in ("LL", "HH")
+        if number is not None and bounds is not None and flag in ("", "N"):
+            # The range printed beside the value decides when the analyzer sent no flag, or
+            # only N: a report must never show a value outside its range unflagged.
+            flag = _flag_from_range(comparator, number, bounds[0], bounds[1]) or flag
+        # HL7 table 0078 AA = critically abnormal: critical even for a text result.
+        is_critical = flag in ("LL", "HH") or any(
+            f.strip().upper() == "AA" for f in observation.flags)
         if number is not None:
             critical = _flag_from_range(comparator, number, rule.critical_low,
                                         rule.critical_high)
@@ -440,20 +444,33 @@ class AnalyzerMapping:
                             "stored as preliminary (P)")
             status = "P"
 
+        value_text = observation.value_text
+        comments = observation.comments
+        if number is not None and (conversion is not None or rule.decimals is not None):
+            # What is shown is the number flags and critical limits were decided on
+            # (converted, rounded to the mapping's decimals) in the unit shown beside it:
+            # never "90 mmol/L" for 90 mg/dL. The analyzer's own text is kept as a comment
+            # when it differs, and byte for byte in the stored message.
+            shown = f"{comparator}{number:f}"
+            if _plain(shown) != _plain(value_text):
+                comments = (*comments, f"as sent by the analyzer: {value_text.strip()} "
+                            f"{observation.units.strip()}".rstrip())
+            value_text = shown
         return ResultInput(
             test_code=rule.test_code,
             analyzer_code=raw_code,
-            value_text=observation.value_text,
+            value_text=value_text,
             value_number=number,
             comparator=comparator,
-            units=rule.ucum,
+            # a text result (POSITIVE) has no unit of its own to show
+            units=rule.ucum if number is not None else observation.units.strip(),
             reference_range=reference_range,
             flag=flag,
             is_critical=is_critical,
             status=status,
             observed_at=observation.observed_at,
             equipment=observation.equipment,
-            comments=observation.comments,
+            comments=comments,
             raw_units=observation.units,
             raw_flags=",".join(observation.flags),
         )
@@ -555,6 +572,10 @@ def _round_significant(value: Decimal, digits: int) -> Decimal:
     return value.quantize(
         Decimal(1).scaleb(value.adjusted() - digits + 1), rounding=ROUND_HALF_UP
     )
+
+
+def _plain(text: str) -> str:
+    return "".join(text.split())
 
 
 def _convert_and_round(

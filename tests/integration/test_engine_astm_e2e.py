@@ -92,12 +92,17 @@ def test_corpus_session_lands_in_database(db_url: str, tmp_path: Path) -> None:
         row = session.scalars(select(RawMessage)).one()
         assert row.status == MessageStatus.APPLIED, row.hold_detail
         sample = session.scalars(select(Sample).where(Sample.specimen_id == ROCHE_SPECIMEN)).one()
-        values = dict(session.execute(
-            select(Result.analyzer_code, Result.value_text).where(Result.sample_fk == sample.id)
-        ).tuples().all())
-    # SOURCES.md: 685/ 22.4, 687/ 15.0, 712/ 4.1, 158/ 301, 735/ 1.6, 717/ 5.85, 690/ 34
-    assert values == {"685/": "22.4", "687/": "15.0", "712/": "4.1", "158/": "301",
-                      "735/": "1.6", "717/": "5.85", "690/": "34"}
+        rows = session.execute(
+            select(Result.analyzer_code, Result.value_text, Result.comments)
+            .where(Result.sample_fk == sample.id)
+        ).tuples().all()
+    # SOURCES.md: 685/ 22.4, 687/ 15.0, 712/ 4.1, 158/ 301, 735/ 1.6, 717/ 5.85, 690/ 34.
+    # Shown values are rounded to the mapping's decimals; the analyzer's text is kept.
+    expected = {"685/": "22.4", "687/": "15.0", "712/": "4.1", "158/": "301",
+                "735/": "1.6", "717/": "5.85", "690/": "34"}
+    assert {code for code, _v, _c in rows} == set(expected)
+    for code, shown, comments in rows:
+        assert shown == expected[code] or f"as sent by the analyzer: {expected[code]}" in comments
 
 
 def _frame(fn: int, text: bytes) -> bytes:

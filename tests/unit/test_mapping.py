@@ -271,7 +271,10 @@ def test_anchor_bomb_is_bounded(tmp_path: Path) -> None:
 def test_conversion_rounding_and_raw_text(mapping: AnalyzerMapping) -> None:
     result = one(mapping, obs("GLU", "90", "mg/dL", "70 - 110"))
     assert result.test_code == "GLU"
-    assert result.value_text == "90"
+    # What is shown is the converted, rounded value in the unit shown beside it (never
+    # "90 mmol/L"); the analyzer's text stays as a comment and in the stored message.
+    assert result.value_text == "5.0"
+    assert "as sent by the analyzer: 90 mg/dL" in result.comments
     assert result.value_number == Decimal("5.0")
     assert result.units == "mmol/L"
     assert result.raw_units == "mg/dL"
@@ -558,3 +561,16 @@ def test_conversion_round_trip_within_rounding(
     half_ulp = Decimal(1).scaleb(converted.as_tuple().exponent) / 2  # type: ignore[arg-type]
     back = (converted - offset) / factor
     assert abs(back - value) <= half_ulp / abs(factor) + Decimal("1e-20")
+
+
+def test_flag_follows_the_printed_range_when_the_analyzer_says_normal(
+    mapping: AnalyzerMapping,
+) -> None:
+    result = one(mapping, obs("GLU", "7.5", "mmol/L", "", flags=("N",)))
+    assert result.reference_range and result.flag == "H"
+
+
+def test_hl7_aa_flag_is_critical_even_for_text(mapping: AnalyzerMapping) -> None:
+    result = one(mapping, obs("GLU", "POSITIVE", "", "", flags=("AA",)))
+    assert result.is_critical
+    assert result.units == ""  # a text result shows no unit of the test

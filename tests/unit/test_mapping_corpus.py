@@ -90,7 +90,9 @@ def test_sysmex_xn550() -> None:
     assert mapped.ignored == ("Anemia", "Blasts/Abn_Lympho?", "SCAT_WDF")
     by_test = {r.test_code: r for r in mapped.results}
     assert by_test["HGB"].reference_range == "13.5 - 17.5"  # Sysmex sends none
-    assert by_test["HGB"].flag == "N"  # the analyzer said N; critical limit 7.0 not crossed
+    # The analyzer said N, but the report prints the mapping's range 13.5 - 17.5 beside 8.0:
+    # the flag follows the printed range (critical limit 7.0 is not crossed).
+    assert by_test["HGB"].flag == "L" and not by_test["HGB"].is_critical
     assert by_test["EO"].flag == "H"
 
 
@@ -124,7 +126,8 @@ def test_mindray_hl7_names_from_obx4() -> None:
     ))
     assert not mapped.unmapped
     tbil, hdl = mapped.results
-    assert (tbil.test_code, tbil.value_number, tbil.flag) == ("TBIL", Decimal("100"), "N")
+    # The analyzer said N with no usable range; the mapping's printed range flags it H.
+    assert (tbil.test_code, tbil.value_number, tbil.flag) == ("TBIL", Decimal("100"), "H")
     assert (hdl.test_code, hdl.value_number, hdl.flag) == ("HDL", Decimal("1.47"), "N")
     assert hdl.reference_range == "> 1.03"  # 40 mg/dL converted
 
