@@ -394,6 +394,10 @@ class ASTMLink:
         self._pending_count = 0  # MessageReceived of the held frame not yet answered
         self._pending_failed = False
         self._outstanding = 0  # MessageReceived not yet answered (incl. orphans)
+        # Answers still to come for messages no frame waits on any more (the sender gave up,
+        # or text left at EOT). Answers arrive in order, so these come first and must never
+        # be counted against a frame held later: that would ACK a message not yet stored.
+        self._orphans = 0
         # sender
         self._queue: deque[_Outgoing] = deque()
         self._next_index = 0
@@ -672,6 +676,7 @@ class ASTMLink:
         # delivered: do not deliver it a second time as a fragment.
         if leftover and not was_pending:
             self._outstanding += 1
+            self._orphans += 1  # no frame waits on its answer
             self._emit(MessageReceived(leftover + b"\r", complete=False))
         self._end_receive("eot")
         return LinkState.NEUTRAL
@@ -696,6 +701,7 @@ class ASTMLink:
     def _orphan_pending(self) -> None:
         # The sender gave up on the held frame; later commit answers are accepted but
         # send nothing.
+        self._orphans += self._pending_count
         self._pending_frame = None
         self._pending_count = 0
         self._pending_failed = False
@@ -763,8 +769,11 @@ class ASTMLink:
         if self._outstanding <= 0:
             raise LocalProtocolError("message_committed/failed called with no message waiting")
         self._outstanding -= 1
+        if self._orphans > 0:
+            self._orphans -= 1
+            return  # an orphan's answer: the sender gave up meanwhile; nothing to answer
         if self._pending_frame is None or self._state is not LinkState.COMMIT_PENDING:
-            return  # orphan: the sender gave up meanwhile; nothing to answer
+            return
         if not ok:
             self._pending_failed = True
         self._pending_count -= 1

@@ -613,3 +613,29 @@ def test_sender_and_receiver_cores_talk() -> None:
                 instrument.message_committed(0.0)
     assert delivered == [MSG]
     assert answered == [answer]
+
+
+def test_a_late_commit_of_an_abandoned_message_never_acks_the_next_one() -> None:
+    """DESIGN rule 1 / PROTOCOLS 32: the sender gave up on M1 (EOT) and sent M2; M1's late
+    commit must not release M2's held frame: only M2's own commit may ACK it."""
+    from engine.protocols.astm_link import ASTMLink, encode_frames
+
+    link = ASTMLink()
+    m1 = b"H|\\^&|||AN\rP|1\rO|1|S1||^^^GLU\rR|1|^^^GLU|5.5|mmol/L||N||F\rL|1|N\r"
+    m2 = b"H|\\^&|||AN\rP|1\rO|1|S2||^^^GLU\rR|1|^^^GLU|9.9|mmol/L||N||F\rL|1|N\r"
+
+    def feed(data: bytes, now: float) -> bytes:
+        link.receive_data(data, now)
+        while link.next_event() is not None:
+            pass
+        return link.data_to_send()
+
+    assert feed(b"\x05", 0.0) == b"\x06"
+    assert feed(encode_frames(m1)[0], 0.1) == b""  # held until M1 is committed
+    feed(b"\x04", 16.0)  # the sender timed out on it and ended the session
+    assert feed(b"\x05", 16.5) == b"\x06"
+    assert feed(encode_frames(m2)[0], 16.6) == b""  # held until M2 is committed
+    link.message_committed(17.0)  # M1's late answer
+    assert link.data_to_send() == b""
+    link.message_failed(17.1)  # M2 could not be stored
+    assert link.data_to_send() == b"\x15"
