@@ -221,7 +221,10 @@ class GenericASTMDriver:
             else:
                 kind = MessageKind.OTHER
                 warnings.append(f"message has no records but H and L (L-3 {terminator!r})")
-        elif has_qc_marker:
+        elif has_qc_marker and all(b.is_qc for b in specimens):
+            # QC only when every specimen is QC: one QC order in a message must never turn
+            # the patient results beside it into "QC, ignored" (the pipeline skips QC
+            # specimens one by one).
             kind = MessageKind.QC
         elif has_results:
             kind = MessageKind.RESULTS

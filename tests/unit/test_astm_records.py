@@ -278,3 +278,18 @@ def test_decode_is_independent_of_how_records_were_split_on_the_wire(size: int) 
     framed = b"".join(wire_frames(RESULT, frame_size=size))
     capture = read_astm_file(b"".join(chunked(framed, size)))
     assert capture.messages == (RESULT,)
+
+
+def test_a_qc_order_does_not_hide_the_patient_results_beside_it() -> None:
+    """One O record with action code Q (PROTOCOLS 67) marks that specimen QC, not the whole
+    message: the patient's critical result beside it must still be applied."""
+    from drivers.astm.generic import GenericASTMDriver
+
+    message = GenericASTMDriver().decode(
+        b"H|\\^&|||AN|||||||P|1|20250101\r"
+        b"P|1||PID1\rO|1|S100||^^^GLU|R||||||N\rR|1|^^^GLU|25.0|mmol/L||HH||F\r"
+        b"P|2\rO|1|QCLOT1||^^^GLU|R||||||Q\rR|1|^^^GLU|5.0|mmol/L||N||F\r"
+        b"L|1|N\r")
+    assert message.kind == "results"
+    assert [(s.specimen_id, s.is_qc) for s in message.specimens] == [
+        ("S100", False), ("QCLOT1", True)]
