@@ -16,6 +16,7 @@ Durability rules (DESIGN.md) as they appear here:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable
@@ -322,6 +323,12 @@ def store_internal_error(
                      "`labrelay messages reprocess ID`")[:2000],
         attempts=1,
     )
+    # The specimens it names, as far as they can be read: later messages for them wait
+    # behind this one (DESIGN rule 4) instead of overtaking it.
+    with contextlib.suppress(Exception):
+        for specimen_id in dict.fromkeys(rt.driver.decode(raw).specimen_ids):
+            if specimen_id:
+                row.specimens.append(MessageSpecimen(specimen_id=specimen_id[:64]))
     session.add(row)
     session.flush()
     hold = _Hold(INTERNAL_ERROR, row.hold_detail)
@@ -330,6 +337,20 @@ def store_internal_error(
     if rt.config.protocol == "hl7":
         _record_hl7_ack_code(session, rt, raw, result)
     return result
+
+
+def hold_internal_error(
+    session: Session, rt: InterfaceRuntime, message_id: int, error: str
+) -> None:
+    """A stored message whose later apply failed inside labrelay: HELD, with an alert."""
+    row = session.get(RawMessage, message_id)
+    if row is None or row.status != MessageStatus.RECEIVED:
+        return
+    row.status = MessageStatus.HELD
+    row.hold_reason = INTERNAL_ERROR
+    row.hold_detail = (f"labrelay could not apply this message ({error}); the bytes are "
+                       "kept. After a fix, `labrelay messages reprocess ID`")[:2000]
+    _alert_held(session, rt, row, _Hold(INTERNAL_ERROR, row.hold_detail))
 
 
 def _alert_held(session: Session, rt: InterfaceRuntime, row: RawMessage, hold: _Hold) -> None:
@@ -353,7 +374,10 @@ _EARLIER_HELD = (
     .join(MessageSpecimen, MessageSpecimen.message_fk == _RAW.id)
     .where(
         MessageSpecimen.specimen_id == bindparam("specimen_id"),
-        _RAW.status == MessageStatus.HELD,
+        # HELD, or stored and not yet applied (after_commit policy): later results for the
+        # same specimen never overtake them.
+        _RAW.status.in_((MessageStatus.HELD, MessageStatus.RECEIVED)),
+        _RAW.direction == "in",
         _RAW.id < bindparam("message_id"),
     )
     .order_by(_RAW.id)
@@ -380,7 +404,8 @@ def _apply_results(
             raise _Hold("NO_SPECIMEN", "a result group has no specimen id; check the barcode "
                         "and the driver's specimen id fields")
         blocker = session.scalar(
-            _EARLIER_HELD, {"specimen_id": specimen.specimen_id, "message_id": row.id}
+            # stored cut to the column's 64 characters, so looked up the same way
+            _EARLIER_HELD, {"specimen_id": specimen.specimen_id[:64], "message_id": row.id}
         )
         if blocker is not None:
             raise _Hold(BEHIND_HELD, f"specimen {specimen.specimen_id} has an earlier held "
@@ -594,7 +619,7 @@ class Pipeline:
             elif result.status == MessageStatus.APPLIED:
                 stats.applied += 1
             if not apply_now and result.status == MessageStatus.RECEIVED:
-                self._apply_later(rt, result.message_id)
+                self.apply_later(rt, result.message_id)
             return result
 
         def failed(failure: Failure) -> Failure | Deferred[IngestResult]:
@@ -615,10 +640,19 @@ class Pipeline:
         d.addCallbacks(done, failed)
         return d
 
-    def _apply_later(self, rt: InterfaceRuntime, message_id: int) -> None:
+    def apply_later(self, rt: InterfaceRuntime, message_id: int) -> None:
         d = self.writer.submit(lambda s: reprocess(s, rt, message_id))
-        d.addErrback(lambda f: log.error("message.apply.failed", interface=rt.name,
-                                         message_id=message_id, error=f.getErrorMessage()[:300]))
+
+        def failed(failure: Failure) -> None:
+            kind = getattr(failure.type, "__name__", "Exception")
+            log.error("message.apply.failed", interface=rt.name, message_id=message_id,
+                      error_type=kind)
+            if failure.check(StorageError):
+                return  # stays RECEIVED: applied at the next start (engine.resumed)
+            error = f"{kind}: {failure.getErrorMessage()}"[:300]
+            self.writer.submit(lambda s: hold_internal_error(s, rt, message_id, error))
+
+        d.addErrback(failed)
 
     def ack_control_id(self, message_id: int | None) -> str:
         suffix = str(message_id) if message_id is not None else str(int(time.time() * 1000))

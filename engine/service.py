@@ -26,7 +26,6 @@ from engine.pipeline import (
     InterfaceRuntime,
     Pipeline,
     load_runtime,
-    reprocess,
 )
 from engine.writer import DatabaseWriter
 from lis_bridge.db import ensure_current, make_engine, session_factory, upgrade
@@ -268,30 +267,33 @@ class EngineService(MultiService):
         return defer.succeed(None)
 
     def _resume_unapplied(self) -> None:
-        """Messages stored but not applied when the last run stopped (after_commit policy)."""
+        """Messages stored but not applied when the last run stopped (after_commit policy),
+        applied one unit each, in arrival order: one faulty message cannot hold back the rest
+        (it is HELD with INTERNAL_ERROR and an alert)."""
         assert self.writer is not None
+        assert self.pipeline is not None
         runtimes = self.runtimes
+        pipeline = self.pipeline
 
-        def work(session: Any) -> int:
-            rows = session.scalars(
-                select(RawMessage).where(RawMessage.status == MessageStatus.RECEIVED,
-                                         RawMessage.direction == "in")
+        def pending(session: Any) -> list[tuple[int, str]]:
+            return list(session.execute(
+                select(RawMessage.id, RawMessage.interface)
+                .where(RawMessage.status == MessageStatus.RECEIVED, RawMessage.direction == "in")
                 .order_by(RawMessage.id).limit(10_000)
-            ).all()
-            count = 0
-            for row in rows:
-                rt = runtimes.get(row.interface)
-                if rt is not None:
-                    reprocess(session, rt, row.id)
-                    count += 1
-            return count
+            ).tuples())
 
-        def done(count: int) -> None:
+        def resume(rows: list[tuple[int, str]]) -> None:
+            count = 0
+            for message_id, interface in rows:
+                rt = runtimes.get(interface)
+                if rt is not None:
+                    pipeline.apply_later(rt, message_id)
+                    count += 1
             if count:
                 log.info("engine.resumed", messages=count)
 
-        self.writer.submit(work).addCallbacks(
-            done, lambda f: log.error("engine.resume.failed", error=f.getErrorMessage()[:300]))
+        self.writer.submit(pending).addCallbacks(
+            resume, lambda f: log.error("engine.resume.failed", error=f.getErrorMessage()[:300]))
 
     def _start_outbox(self) -> None:
         try:

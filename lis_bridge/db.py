@@ -57,6 +57,8 @@ def make_engine(url: str, *, writer: bool = False, **kwargs: Any) -> Engine:
     ``writer=True`` is for the engine's single writer thread (and other units that always
     write): on SQLite its transactions take the write lock when they begin.
     """
+    # Error texts must not carry bound values (result values, names) into logs.
+    kwargs.setdefault("hide_parameters", True)
     try:
         parsed = make_url(url)
     except ArgumentError as exc:

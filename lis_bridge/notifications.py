@@ -46,7 +46,7 @@ _SAFE_PAYLOAD_KEYS = frozenset({
     "kind", "sample_id", "specimen_id", "report_id", "version", "amended", "critical",
     "test_code", "display_name", "value", "units", "flag", "reference_range",
     "observed_at", "interface", "analyzer_code", "message", "severity", "detail",
-    "location",
+    "location", "result_id",
 })
 
 

@@ -406,6 +406,14 @@ def apply_results(
                 "specimen_id": specimen_id,
                 "test_code": item.test_code,
                 "result_id": new_id,
+                # what the person phoning the ward needs to read back (no patient identity)
+                "value": item.value_text,
+                "units": item.units,
+                "flag": item.flag,
+                "reference_range": item.reference_range,
+                "observed_at": item.observed_at.isoformat() if item.observed_at else "",
+                "interface": interface,
+                "analyzer_code": item.analyzer_code,
             })
             for item, new_id in critical
         ])

@@ -292,9 +292,13 @@ def test_critical_value_notifies_at_once(sessions: sessionmaker[Session]) -> Non
         session.commit()
         assert outcome.sample_state == "PROCESSING"  # not complete, no report yet
         (job,) = jobs(session, "notify")
-        assert json.loads(job.payload) == {
+        payload = json.loads(job.payload)
+        assert {k: payload[k] for k in ("kind", "sample_id", "specimen_id", "test_code",
+                                        "result_id")} == {
             "kind": "critical_value", "sample_id": sample.id, "specimen_id": "S1",
             "test_code": "GLU", "result_id": outcome.result_ids[0]}
+        # what the person phoning the ward reads back
+        assert (payload["value"], payload["flag"]) == ("1.1", "LL")
         assert job.dedupe_key == f"notify:critical_value:{outcome.result_ids[0]}"
         assert jobs(session, "render_report") == []
         apply(session, [res("GLU", "1.1", critical=True, flag="LL")])  # resend
