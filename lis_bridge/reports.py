@@ -240,11 +240,20 @@ def gather_report_data(
             .order_by(Result.id)
         )
     )
+    ordered_tests = list(session.scalars(
+        select(OrderedTest).where(OrderedTest.sample_fk == sample.id).order_by(OrderedTest.id)
+    ))
+    cancelled_codes = {t.test_code for t in ordered_tests
+                       if t.status == OrderedTestStatus.CANCELLED}
     grouped: dict[str, list[ResultLine]] = {}
     not_done: list[str] = []
     for result in results:
         name = display_names.get(result.test_code, result.test_code)
         if result.status == "X":  # "cannot be done" from the analyzer
+            not_done.append(name)
+            continue
+        if result.status == "P" and result.test_code in cancelled_codes:
+            # a preliminary value of a test cancelled afterwards is never a reported result
             not_done.append(name)
             continue
         line = ResultLine(
@@ -261,11 +270,8 @@ def gather_report_data(
         )
         grouped.setdefault(panels.get(result.test_code, DEFAULT_PANEL), []).append(line)
     reported_codes = {r.test_code for r in results}
-    for ordered in session.scalars(
-        select(OrderedTest).where(OrderedTest.sample_fk == sample.id).order_by(OrderedTest.id)
-    ):
-        cancelled = ordered.status == OrderedTestStatus.CANCELLED
-        if cancelled and ordered.test_code not in reported_codes:
+    for ordered in ordered_tests:
+        if ordered.test_code in cancelled_codes and ordered.test_code not in reported_codes:
             not_done.append(display_names.get(ordered.test_code, ordered.test_code))
 
     groups = tuple(PanelGroup(name, tuple(lines)) for name, lines in grouped.items())

@@ -407,3 +407,32 @@ def test_cli_render_and_verify(
     assert unknown.exit_code == 1 and "no report" in unknown.output
     missing = runner.invoke(cli, ["-c", str(config), "reports", "render", "NOPE"])
     assert missing.exit_code != 0 and "no sample" in missing.output
+
+
+def test_cancelled_test_preliminary_value_is_not_reported(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A test cancelled after a preliminary value appears under "not done", never as a
+    result on the final report."""
+    from lis_bridge.lifecycle import transition as move
+    from lis_bridge.orders import cancel_test
+    from lis_bridge.results import apply_results
+    from lis_bridge.types import ResultInput
+
+    with transaction(sessions) as session:
+        sample = Sample(specimen_id="CANC-1")
+        move(session, sample, SampleState.COLLECTED, actor="t", location="w")
+        for code in ("GLU", "NA"):
+            session.add(OrderedTest(sample_fk=sample.id, test_code=code))
+        move(session, sample, SampleState.RECEIVED_AT_LAB, actor="t")
+        session.flush()
+        apply_results(session, "CANC-1", [ResultInput("GLU", "GLU", "2.1", Decimal("2.1"),
+                                                      units="mmol/L", status="P")],
+                      interface="a", message_id=None)
+        cancel_test(session, "CANC-1", "GLU", actor="tech")
+        apply_results(session, "CANC-1", [ResultInput("NA", "NA", "140", Decimal("140"),
+                                                      units="mmol/L")],
+                      interface="a", message_id=None)
+        data = gather_report_data(session, sample.id)
+    shown = {line.test_code for panel in data.panels for line in panel.results}
+    assert shown == {"NA"} and data.not_done == ("GLU",)
