@@ -539,7 +539,7 @@ def build_order_download(
     row = RawMessage(interface=rt.name, direction="out", protocol="astm", peer="",
                      message_type="ORDERS", payload=text,
                      sha256=hashlib.sha256(text).hexdigest(), size=len(text),
-                     status=MessageStatus.SENT)
+                     status=MessageStatus.QUEUED)
     session.add(row)
     session.flush()
     summary["message_id"] = row.id

@@ -94,6 +94,7 @@ class EngineService(MultiService):
         self.pipeline = Pipeline(self.writer, self.runtimes, node_name=self.config.node_name)
         starts = [self._start_interface(self.runtimes[name].config) for name in self.runtimes]
         self._resume_unapplied()
+        self._resume_queued_orders()
         from twisted.internet.task import LoopingCall
 
         self._attention_loop = LoopingCall(self._refresh_attention)
@@ -374,16 +375,61 @@ class EngineService(MultiService):
         def queue(result: tuple[bytes | None, dict[str, Any]]) -> dict[str, Any]:
             text, summary = result
             if text is not None:
-                sent = factory.send_message(text)
-                sent.addCallbacks(
-                    lambda _r: log.info("astm.orders.delivered", interface=interface,
-                                        samples=summary["queued"]),
-                    lambda f: self._alert(f"order download to {interface} failed",
-                                          f.getErrorMessage(), interface),
-                )
+                self._send_stored_order(interface, factory, summary["message_id"], text)
             return summary
 
         return d.addCallback(queue)
+
+    def _send_stored_order(self, interface: str, factory: Any, message_id: int,
+                           text: bytes) -> None:
+        """Queue a stored (QUEUED) order message on the link; SENT once the analyzer accepted
+        it, NOT_SENT with an alert if it never did. QUEUED ones are sent again at start."""
+        assert self.writer is not None
+        writer = self.writer
+
+        def mark(status: str) -> None:
+            def work(session: Any) -> None:
+                row = session.get(RawMessage, message_id)
+                if row is not None:
+                    row.status = status
+
+            writer.submit(work).addErrback(
+                lambda f: log.error("astm.orders.status_not_stored", message_id=message_id,
+                                    error=f.getErrorMessage()[:200]))
+
+        def delivered(_result: Any) -> None:
+            log.info("astm.orders.delivered", interface=interface, message_id=message_id)
+            mark(MessageStatus.SENT)
+
+        def failed(failure: Any) -> None:
+            mark(MessageStatus.NOT_SENT)
+            self._alert(f"order download #{message_id} to {interface} failed",
+                        failure.getErrorMessage(), interface)
+
+        factory.send_message(text).addCallbacks(delivered, failed)
+
+    def _resume_queued_orders(self) -> None:
+        """Order downloads stored but not accepted when the last run stopped."""
+        assert self.writer is not None
+
+        def pending(session: Any) -> list[tuple[int, str, bytes]]:
+            return list(session.execute(
+                select(RawMessage.id, RawMessage.interface, RawMessage.payload)
+                .where(RawMessage.status == MessageStatus.QUEUED, RawMessage.direction == "out")
+                .order_by(RawMessage.id).limit(1_000)
+            ).tuples())
+
+        def resend(rows: list[tuple[int, str, bytes]]) -> None:
+            for message_id, interface, payload in rows:
+                factory = self.factories.get(interface)
+                if factory is not None and hasattr(factory, "send_message"):
+                    self._send_stored_order(interface, factory, message_id, payload)
+            if rows:
+                log.info("astm.orders.resumed", messages=len(rows))
+
+        self.writer.submit(pending).addCallbacks(
+            resend, lambda f: log.error("astm.orders.resume_failed",
+                                        error=f.getErrorMessage()[:200]))
 
     # ------------------------------------------------------------------ status
 

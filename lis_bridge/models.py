@@ -60,7 +60,9 @@ class MessageStatus(enum.StrEnum):
     DUPLICATE = "DUPLICATE"  # a resend of an earlier message; receipt only
     REJECTED = "REJECTED"  # unreadable; kept for the operator
     IGNORED = "IGNORED"  # nothing to apply (keep-alive, ACK, QC without a QC module)
-    SENT = "SENT"  # outbound message written to the wire
+    QUEUED = "QUEUED"  # outbound message stored, waiting for the analyzer to accept it
+    SENT = "SENT"  # outbound message written to the wire (and acknowledged, for orders)
+    NOT_SENT = "NOT_SENT"  # outbound message the analyzer never accepted (an alert was raised)
     ANSWERED = "ANSWERED"  # a host query we answered
 
 

@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 
 from engine.cli import CliState, config_option, database_option, pass_state
 
-STATUSES = ("RECEIVED", "APPLIED", "HELD", "DUPLICATE", "REJECTED", "IGNORED", "SENT", "ANSWERED")
+STATUSES = ("RECEIVED", "APPLIED", "HELD", "DUPLICATE", "REJECTED", "IGNORED", "QUEUED", "SENT",
+            "NOT_SENT", "ANSWERED")
 
 
 @click.group("messages")

@@ -242,6 +242,15 @@ def test_orders_pushed_to_a_connected_analyzer(db_url: str, tmp_path: Path) -> N
                 break
             text += data[2:data.index(ETX) if ETX in data else data.index(b"\x17")]
             analyzer.sendall(ACK)
+        # stored before it was sent; SENT once the analyzer accepted every frame
+        deadline = time.monotonic() + 20
+        status = ""
+        while time.monotonic() < deadline and status != "SENT":
+            with session_factory(make_engine(db_url))() as session:
+                status = session.scalars(select(RawMessage.status).where(
+                    RawMessage.direction == "out", RawMessage.message_type == "ORDERS")).one()
+            time.sleep(0.05)  # polling the database; bounded by the deadline
+        assert status == "SENT"
     assert b"O|1|PUSH-1" in text
     assert b"^^^989" in text and b"^^^717" in text  # NA and GLU in Roche codes
     assert text.rstrip(b"\r").endswith(b"L|1|N")
