@@ -48,6 +48,14 @@ UNMAPPED_CODE = "UNMAPPED_CODE"
 BEHIND_HELD = "BEHIND_HELD"
 NO_MAPPING = "NO_MAPPING"
 INTERNAL_ERROR = "INTERNAL_ERROR"
+INCOMPLETE_MESSAGE = "INCOMPLETE_MESSAGE"
+
+
+def _ends_with_l(text: bytes) -> bool:
+    """True when the last record of an ASTM message is its L (terminator) record: ``L``
+    followed by a delimiter (PROTOCOLS 55: the record type is case-insensitive)."""
+    last = text.rstrip(b"\r\n").replace(b"\n", b"\r").rsplit(b"\r", 1)[-1].lstrip()
+    return last[:1] in (b"L", b"l") and len(last) > 1 and not last[1:2].isalnum()
 
 
 class _Hold(Exception):
@@ -114,6 +122,17 @@ def ingest(
         decode_error = str(exc)
     except (ValueError, IndexError, KeyError, UnicodeError) as exc:  # a driver bug on odd input
         decode_error = f"{type(exc).__name__}: {exc}"
+    reject_reason = DECODE_ERROR
+    if message is not None and rt.config.protocol == "astm" and not _ends_with_l(raw):
+        # The sender ended the transfer (EOT, timeout) before the message's L record. Its
+        # last record may be cut inside a field ("4." of "4.5"): nothing of it is applied.
+        # It is kept and visible; LIS01-A2 obliges the sender to resend the whole message.
+        message = None
+        reject_reason = INCOMPLETE_MESSAGE
+        decode_error = ("the analyzer ended the transfer before this message's L record; "
+                        "its last record may be cut short, so nothing was applied. The "
+                        "analyzer resends it whole; if it does not, resend it from the "
+                        "analyzer")
 
     row = RawMessage(
         interface=rt.name,
@@ -146,7 +165,7 @@ def ingest(
     # What is already known goes into the INSERT itself rather than a later UPDATE.
     if message is None:
         row.status = MessageStatus.REJECTED
-        row.hold_reason = DECODE_ERROR
+        row.hold_reason = reject_reason
         row.hold_detail = decode_error[:2000]
     elif message.kind == MessageKind.ACK:
         row.status = MessageStatus.IGNORED
@@ -166,8 +185,8 @@ def ingest(
     session.flush()  # the row's id: results and the held-message order refer to it
     if message is None:
         log.warning("message.rejected", interface=rt.name, message_id=row.id,
-                    reason=DECODE_ERROR, detail=decode_error[:300])
-        return IngestResult(row.id, row.status, "rejected", DECODE_ERROR, decode_error)
+                    reason=reject_reason, detail=decode_error[:300])
+        return IngestResult(row.id, row.status, "rejected", reject_reason, decode_error)
     if message.kind == MessageKind.ACK:
         return IngestResult(row.id, row.status, "ack", kind=message.kind,
                             control_id=message.control_id)

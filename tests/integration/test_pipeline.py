@@ -206,3 +206,26 @@ class InternalErrorTests(unittest.TestCase):
 
         d.addCallback(check)
         return d
+
+
+def test_astm_message_cut_before_its_l_record_is_kept_not_applied(sessions) -> None:  # type: ignore[no-untyped-def]
+    """An ASTM transfer that ended before the L record may end inside a field (4. of 4.5):
+    it is stored and visible, nothing is applied, and the whole resend is not blocked."""
+    config = InterfaceConfig(name="t-astm", protocol="astm", driver="astm-generic",
+                             mapping=REPO / "mappings" / "generic_astm.yaml",
+                             listen="tcp:0:interface=127.0.0.1")
+    rt = InterfaceRuntime(config, create_driver("astm-generic", "astm"),
+                          load_mapping(REPO / "mappings" / "generic_astm.yaml"))
+    with sessions() as session:
+        import_orders_csv(session, ORDERS.replace("GLU NA", "K"), actor="t")
+        session.commit()
+    whole = (b"H|\\^&|||an^1|||||host||P|1\rP|1\rO|1|P-1||^^^K|R||||||N||||||||||||||F\r"
+             b"R|1|^^^K|4.5|mmol/L|3.5 to 5.1|N||F\rL|1|N\r")
+    cut = whole[: whole.index(b"4.5") + 2]  # "...|4."
+    first = apply(sessions, rt, cut)
+    assert (first.outcome, first.hold_reason) == ("rejected", "INCOMPLETE_MESSAGE")
+    with sessions() as session:
+        row = session.get(RawMessage, first.message_id)
+        assert row is not None and row.payload == cut and not row.specimens
+    again = apply(sessions, rt, whole)
+    assert again.outcome != "rejected" and again.hold_reason != "BEHIND_HELD"
