@@ -18,6 +18,17 @@ def parse_target(to: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
+def answer_lines(messages: list[bytes], prefix: str = "") -> list[str]:
+    """ASTM messages the other side sent back (e.g. a worklist), a record a line: this is how
+    an analyst checks what an analyzer or engine answered."""
+    lines: list[str] = []
+    for n, message in enumerate(messages, start=1):
+        lines.append(f"{prefix}received #{n} ({len(message)} bytes):")
+        lines.extend(f"  {record}" for record in
+                     message.decode("latin-1", errors="replace").split("\r") if record)
+    return lines
+
+
 def run_client(start: Callable[[Any], Any], what: str = "sending") -> Any:
     """Run ``start(reactor) -> Deferred`` under the reactor once; return its result.
 

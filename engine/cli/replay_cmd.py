@@ -21,7 +21,8 @@ from typing import Any
 import click
 
 from engine.capture import CaptureFormatError, CaptureRecord, read_capture
-from engine.cli._client import parse_target
+from engine.cli._client import answer_lines, parse_target
+from engine.cli.send_hl7 import result_lines
 
 PHI_WARNING = (
     "note: {path} contains patient data as it crossed the wire; keep it on this machine "
@@ -239,12 +240,9 @@ def _replay_hl7(reactor: Any, host: str, port: int, conns: Sequence[Connection],
                 lines.append(f"conn {connection.conn}: no whole MLLP message in the capture")
                 continue
             results = yield send_messages(reactor, host, port, messages, timeout=timeout)
-            for n, result in enumerate(results, start=1):
-                code = result.code or "-"
-                text = result.error if result.error else result.text
-                lines.append(f"conn {connection.conn} #{n} {result.control_id or '-'} "
-                             f"{code} {text}".rstrip())
-                failures += 0 if result.ok else 1
+            labels = [f"conn {connection.conn} #{n}" for n in range(1, len(results) + 1)]
+            lines.extend(result_lines(labels, results))
+            failures += sum(0 if result.ok else 1 for result in results)
             failures += max(0, len(messages) - len(results))
         return failures
 
@@ -273,11 +271,7 @@ def _replay_astm(reactor: Any, host: str, port: int, conns: Sequence[Connection]
                              f"FN {frame.fn} {frame.answer}")
             for index, reason in sorted(report.failed.items()):
                 lines.append(f"{label} session {index + 1} NOT ACCEPTED: {reason}")
-            for n, message in enumerate(report.received, start=1):
-                lines.append(f"{label} received #{n} ({len(message)} bytes):")
-                for record in message.decode("latin-1", errors="replace").split("\r"):
-                    if record:
-                        lines.append(f"  {record}")
+            lines.extend(answer_lines(report.received, prefix=f"{label} "))
             if report.error:
                 lines.append(f"{label} error: {report.error}")
             if report.error or report.failed or len(report.completed) != len(sessions):

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from drivers.astm.files import read_astm_file
-from engine.cli._client import parse_target, run_client
+from engine.cli._client import answer_lines, parse_target, run_client
 
 
 @click.command("send_astm")
@@ -91,12 +91,8 @@ def send_astm(
         click.echo(f"{label}.{frame.frame + 1} FN {frame.fn} {frame.answer}")
     for index, reason in sorted(report.failed.items()):
         click.echo(f"{labels[index]} NOT ACCEPTED: {reason}")
-    for n, message in enumerate(report.received, start=1):
-        # The whole answer, a record a line: this is how an analyst checks a worklist.
-        click.echo(f"received #{n} ({len(message)} bytes):")
-        for record in message.decode("latin-1", errors="replace").split("\r"):
-            if record:
-                click.echo(f"  {record}")
+    for line in answer_lines(report.received):
+        click.echo(line)
     if report.error:
         click.echo(f"error: {report.error}", err=True)
     if report.error or report.failed or len(report.completed) != len(sessions):
