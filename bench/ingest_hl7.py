@@ -197,6 +197,12 @@ def main() -> None:
     parser.add_argument("--postgres",
                         default=os.environ.get("LABRELAY_BENCH_POSTGRES", DEFAULT_PG))
     parser.add_argument("--quick", action="store_true", help="300 messages per case")
+    parser.add_argument("--only", choices=("sqlite", "postgresql"),
+                        help="run one database's cases only")
+    parser.add_argument("--connections", type=int, action="append",
+                        help="connection counts to run (repeatable; default 1 and 8)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="skip the bare store-only ceiling runs")
     args = parser.parse_args()
     if args.quick:
         args.messages = 300
@@ -205,13 +211,17 @@ def main() -> None:
     mapping.write_text(mapping_yaml())
     version = sys.version.split()[0]
     print(f"ORU^R01 with 25 OBX; {args.messages} messages per case; python {version}")
-    databases = [("sqlite", f"sqlite:///{workdir / 'bench.db'}")]
-    pg = fresh_postgres(args.postgres)
+    databases = []
+    if args.only != "postgresql":
+        databases.append(("sqlite", f"sqlite:///{workdir / 'bench.db'}"))
+    pg = fresh_postgres(args.postgres) if args.only != "sqlite" else None
     if pg:
         databases.append(("postgresql", pg))
+    modes = ("engine",) if args.engine_only else ("engine", "bare")
+    engine_rate = 0.0
     for db_label, url in databases:
-        for connections in (1, 8):
-            for mode in ("engine", "bare"):
+        for connections in args.connections or (1, 8):
+            for mode in modes:
                 if db_label == "sqlite":
                     url = f"sqlite:///{workdir / f'bench-{connections}-{mode}.db'}"
                 else:
@@ -234,7 +244,7 @@ def main() -> None:
                 rates = run_case(label, command, env, port, connections, messages, workdir)
                 if mode == "engine":
                     engine_rate = rates
-                else:
+                elif engine_rate:
                     print(f"{'':<44} engine / ceiling = {engine_rate / rates:.0%}")
 
 

@@ -102,6 +102,35 @@ def _utcnow() -> datetime:
 # ------------------------------------------------------------------ units of work
 
 
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """What the driver made of raw bytes: a message, or why there is none."""
+
+    message: AnalyzerMessage | None
+    reject_reason: str = ""
+    error: str = ""
+
+
+def decode_raw(rt: InterfaceRuntime, raw: bytes) -> Decoded:
+    """Decode ``raw`` with the interface's driver; never raises for bad input."""
+    try:
+        message = rt.driver.decode(raw)
+    except LabrelayError as exc:
+        return Decoded(None, DECODE_ERROR, str(exc))
+    except (ValueError, IndexError, KeyError, UnicodeError) as exc:  # a driver bug on odd input
+        return Decoded(None, DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+    if rt.config.protocol == "astm" and not _ends_with_l(raw):
+        # The sender ended the transfer (EOT, timeout) before the message's L record. Its
+        # last record may be cut inside a field ("4." of "4.5"): nothing of it is applied.
+        # It is kept and visible; LIS01-A2 obliges the sender to resend the whole message.
+        return Decoded(None, INCOMPLETE_MESSAGE,
+                       "the analyzer ended the transfer before this message's L record; "
+                       "its last record may be cut short, so nothing was applied. The "
+                       "analyzer resends it whole; if it does not, resend it from the "
+                       "analyzer")
+    return Decoded(message)
+
+
 def ingest(
     session: Session,
     rt: InterfaceRuntime,
@@ -110,29 +139,17 @@ def ingest(
     *,
     apply_now: bool = True,
     now: datetime | None = None,
+    decoded: Decoded | None = None,
 ) -> IngestResult:
-    """Store ``raw`` and (unless ``apply_now`` is false) decode, map and apply it."""
+    """Store ``raw`` and (unless ``apply_now`` is false) decode, map and apply it.
+
+    ``decoded``: what :func:`decode_raw` already made of ``raw`` (saves decoding twice).
+    """
     now = now or _utcnow()
     digest = hashlib.sha256(raw).hexdigest()
-    message: AnalyzerMessage | None = None
-    decode_error = ""
-    try:
-        message = rt.driver.decode(raw)
-    except LabrelayError as exc:
-        decode_error = str(exc)
-    except (ValueError, IndexError, KeyError, UnicodeError) as exc:  # a driver bug on odd input
-        decode_error = f"{type(exc).__name__}: {exc}"
-    reject_reason = DECODE_ERROR
-    if message is not None and rt.config.protocol == "astm" and not _ends_with_l(raw):
-        # The sender ended the transfer (EOT, timeout) before the message's L record. Its
-        # last record may be cut inside a field ("4." of "4.5"): nothing of it is applied.
-        # It is kept and visible; LIS01-A2 obliges the sender to resend the whole message.
-        message = None
-        reject_reason = INCOMPLETE_MESSAGE
-        decode_error = ("the analyzer ended the transfer before this message's L record; "
-                        "its last record may be cut short, so nothing was applied. The "
-                        "analyzer resends it whole; if it does not, resend it from the "
-                        "analyzer")
+    decoded = decoded or decode_raw(rt, raw)
+    message = decoded.message
+    reject_reason, decode_error = decoded.reject_reason, decoded.error
 
     row = RawMessage(
         interface=rt.name,
@@ -498,8 +515,12 @@ def _patient_hints(session: Session, specimen_id: str, now: datetime) -> tuple[s
     if found is None:
         return "U", None
     sex, birth = found
-    age = (now.date() - birth).days / 365.25 if birth else None
-    return sex or "U", age
+    return sex or "U", age_years(birth, now)
+
+
+def age_years(birth: Any, now: datetime) -> float | None:
+    """The patient's age in years on ``now``'s date, for age-dependent reference ranges."""
+    return (now.date() - birth).days / 365.25 if birth else None
 
 
 def answer_query(session: Session, rt: InterfaceRuntime, message: AnalyzerMessage) -> list[bytes]:
@@ -612,20 +633,17 @@ class Pipeline:
         self.stats: dict[str, PipelineStats] = {name: PipelineStats() for name in interfaces}
 
     def submit(self, interface: str, raw: bytes, peer: str) -> Deferred[IngestResult]:
+        from engine.ingest_bulk import BulkItem, ingest_bulk, ingest_one
+
         rt = self.interfaces[interface]
         apply_now = rt.config.ack_policy == "after_apply"
         started = time.perf_counter()
         stats = self.stats[interface]
         stats.received += 1
-        is_hl7 = rt.config.protocol == "hl7"
-
-        def work(session: Session) -> IngestResult:
-            result = ingest(session, rt, raw, peer, apply_now=apply_now)
-            if is_hl7:
-                _record_hl7_ack_code(session, rt, raw, result)
-            return result
-
-        d = self.writer.submit(work)
+        item = BulkItem(rt, raw, peer, apply_now)
+        # Alone, or (bulk) together with the messages queued beside it: same outcome.
+        d = self.writer.submit(lambda session: ingest_one(session, item), bulk=ingest_bulk,
+                               item=item)
 
         def done(result: IngestResult) -> IngestResult:
             stats.last_latency_ms = (time.perf_counter() - started) * 1000
@@ -770,21 +788,25 @@ def _record_hl7_ack_code(session: Session, rt: InterfaceRuntime, raw: bytes,
                          result: IngestResult) -> None:
     """Store the code the ACK will carry, in the unit that stored the message: a duplicate
     is answered with it later, and no second commit is spent per message."""
-    from drivers.hl7.ack import ack_plan
-    from drivers.hl7.parser import HL7ParseError, parse_message
-
     if result.outcome in ("duplicate", "ack"):
         return
-    try:
-        msh = parse_message(raw, encoding=rt.config.encoding, header_only=True).msh
-    except HL7ParseError:
-        code = "AR"
-    else:
-        codes = ack_plan(msh.field(15), msh.field(16), ack_outcome(result, rt.config.held_ack))
-        code = codes[-1] if codes else ""
+    code = hl7_ack_code(rt, raw, result)
     row = session.get(RawMessage, result.message_id)  # in the identity map: no query
     if row is not None:
         row.ack_code = code
+
+
+def hl7_ack_code(rt: InterfaceRuntime, raw: bytes, result: IngestResult) -> str:
+    """The code the last ACK for ``result`` will carry ("" when none is sent)."""
+    from drivers.hl7.ack import ack_plan
+    from drivers.hl7.parser import HL7ParseError, parse_message
+
+    try:
+        msh = parse_message(raw, encoding=rt.config.encoding, header_only=True).msh
+    except HL7ParseError:
+        return "AR"
+    codes = ack_plan(msh.field(15), msh.field(16), ack_outcome(result, rt.config.held_ack))
+    return codes[-1] if codes else ""
 
 
 def _err_code(reason: str) -> int:

@@ -7,10 +7,14 @@ each ACK. So: no timer, no window; the thread takes everything queued, runs it i
 transaction and commits once. One thread hop costs ~60 µs, so one writer fed by a queue
 beats a hop per message.
 
-Each unit of work is a callable ``work(session) -> T``. If one unit raises, the batch is
-rolled back and its units are re-run one per transaction, so one bad message never sinks
-its neighbours. If the database itself fails, every unit of the batch fails with
-:class:`StorageError` and the caller sends no positive acknowledgement.
+Each unit of work is a callable ``work(session) -> T``. A unit may also name a ``bulk``
+function, ``bulk(session, items) -> results``: consecutive units of one batch that name the
+same bulk function run as one call, which lets the pipeline store and apply a whole group
+commit's messages with a few statements instead of a dozen per message. If one unit (or
+one bulk call) raises, the batch is rolled back and its units are re-run one per
+transaction through their own ``work``, so one bad message never sinks its neighbours.
+If the database itself fails, every unit of the batch fails with :class:`StorageError`
+and the caller sends no positive acknowledgement.
 """
 
 from __future__ import annotations
@@ -37,11 +41,16 @@ MAX_BATCH = 256
 MAX_QUEUE = 10_000
 
 
+BulkWork = Callable[[Session, list[Any]], list[Any]]
+
+
 @dataclass
 class _Unit(Generic[T]):
     work: Callable[[Session], T]
     deferred: Deferred[T]
     queued_at: float = field(default_factory=time.perf_counter)
+    bulk: BulkWork | None = None
+    item: Any = None
 
 
 @dataclass
@@ -92,14 +101,20 @@ class DatabaseWriter:
     def backlog(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, work: Callable[[Session], T]) -> Deferred[T]:
-        """Queue ``work``; the Deferred fires on the reactor thread with its result."""
+    def submit(self, work: Callable[[Session], T], *, bulk: BulkWork | None = None,
+               item: Any = None) -> Deferred[T]:
+        """Queue ``work``; the Deferred fires on the reactor thread with its result.
+
+        With ``bulk``, this unit may instead run as ``bulk(session, [..., item, ...])``
+        together with the units around it that name the same function; ``bulk`` must
+        return one result per item, in order, exactly what each ``work`` would return.
+        """
         d: Deferred[T] = Deferred()
         if self._stopping or not self._started:
             d.errback(StorageError("the database writer is not running"))
             return d
         try:
-            self._queue.put_nowait(_Unit(work, d))
+            self._queue.put_nowait(_Unit(work, d, bulk=bulk, item=item))
         except queue.Full:
             d.errback(StorageError("the database writer is overloaded; the sender should resend"))
         return d
@@ -134,9 +149,16 @@ class DatabaseWriter:
         results: list[Any] = []
         failed_unit = False
         try:
-            for unit in batch:
+            for group in _groups(batch):
                 try:
-                    results.append(unit.work(session))
+                    bulk = group[0].bulk
+                    if bulk is not None:
+                        done = bulk(session, [unit.item for unit in group])
+                        if len(done) != len(group):
+                            raise RuntimeError("bulk unit returned the wrong number of results")
+                        results.extend(done)
+                    else:
+                        results.append(group[0].work(session))
                 except (OperationalError, DBAPIError) as exc:
                     if _is_storage_failure(exc):
                         raise
@@ -160,8 +182,9 @@ class DatabaseWriter:
             for unit in batch:
                 self._run_alone(unit)
             return
-        for unit, result in zip(batch, results, strict=True):
-            self._reactor.callFromThread(unit.deferred.callback, result)
+        # One hop to the reactor for the whole batch, not one per unit.
+        self._reactor.callFromThread(_fire_all, [(u.deferred, r) for u, r in
+                                                 zip(batch, results, strict=True)])
 
     def _run_alone(self, unit: _Unit[Any]) -> None:
         session = self._sessions()
@@ -192,6 +215,22 @@ class DatabaseWriter:
         error = StorageError(_describe(exc))
         for unit in batch:
             self._reactor.callFromThread(unit.deferred.errback, error)
+
+
+def _groups(batch: list[_Unit[Any]]) -> list[list[_Unit[Any]]]:
+    """Consecutive units naming the same bulk function, together; every other unit alone."""
+    groups: list[list[_Unit[Any]]] = []
+    for unit in batch:
+        if groups and unit.bulk is not None and groups[-1][-1].bulk is unit.bulk:
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+    return groups
+
+
+def _fire_all(outcomes: list[tuple[Deferred[Any], Any]]) -> None:
+    for deferred, result in outcomes:
+        deferred.callback(result)
 
 
 def _is_storage_failure(exc: DBAPIError) -> bool:

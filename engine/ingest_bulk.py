@@ -1,0 +1,307 @@
+"""Store and apply a group commit's messages together: the pipeline's fast lane.
+
+The writer (:mod:`engine.writer`) commits everything that queued while its last commit
+ran. Run one message at a time, each costs about a dozen statements (duplicate check, raw
+INSERT, specimen rows, held-message check, sample lock, result history, results, ordered
+tests, sample moves, audit rows, render job, ACK code). :func:`ingest_bulk` runs the same
+steps for all of them at once: one duplicate query, one held-message query, one read of
+the samples, then one INSERT or UPDATE per table for the whole batch.
+
+Only the plain case goes this way: a results message about one specimen, applied at
+once, whose duplicate check finds nothing, whose specimen has no message waiting, every
+code mapped, and whose sample takes the results without a hold or a special rule
+(:func:`lis_bridge.results_bulk.plan`). Every other message, and any message the checks
+are not sure about, goes through :func:`engine.pipeline.ingest` exactly as when it
+arrives alone, in arrival order. So the durability rules hold unchanged: the outcome of
+each message is what the one-at-a-time path would give, and it is committed before the
+reply is built.
+
+Order: messages are taken in arrival order. A stretch of fast-lane messages is cut
+wherever a specimen, a content hash or an HL7 sender + control id repeats, so within
+one stretch no two messages can affect each other; a message that must go the
+one-at-a-time way ends the stretch before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import Table, bindparam, insert, or_, select, tuple_
+from sqlalchemy.orm import Session
+
+from drivers.model import AnalyzerMessage, MessageKind, SpecimenResults
+from engine.pipeline import (
+    DUPLICATE_WINDOW,
+    Decoded,
+    IngestResult,
+    InterfaceRuntime,
+    _ranges_by_patient,
+    _record_hl7_ack_code,
+    _utcnow,
+    age_years,
+    decode_raw,
+    hl7_ack_code,
+    ingest,
+)
+from lis_bridge import results_bulk
+from lis_bridge.models import MessageSpecimen, MessageStatus, RawMessage
+
+log = structlog.get_logger(__name__)
+
+_RAW = cast(Table, RawMessage.__table__)
+_SPECIMENS = cast(Table, MessageSpecimen.__table__)
+
+# Anything stored earlier that this batch's messages may repeat (DESIGN rule 5); a match of
+# any kind sends the message the one-at-a-time way, which decides what the match means.
+_EARLIER_COPIES = (
+    select(_RAW.c.sha256, _RAW.c.interface, _RAW.c.sender, _RAW.c.control_id)
+    .where(
+        _RAW.c.direction == "in",
+        _RAW.c.status != MessageStatus.DUPLICATE,
+        _RAW.c.received_at >= bindparam("since"),
+        or_(
+            _RAW.c.sha256.in_(bindparam("digests", expanding=True)),
+            tuple_(_RAW.c.interface, _RAW.c.sender, _RAW.c.control_id).in_(
+                bindparam("senders", expanding=True)),
+        ),
+    )
+)
+_EARLIER_COPIES_BY_DIGEST = (
+    select(_RAW.c.sha256, _RAW.c.interface, _RAW.c.sender, _RAW.c.control_id)
+    .where(
+        _RAW.c.direction == "in",
+        _RAW.c.status != MessageStatus.DUPLICATE,
+        _RAW.c.received_at >= bindparam("since"),
+        _RAW.c.sha256.in_(bindparam("digests", expanding=True)),
+    )
+)
+# Specimens with a message still HELD or not yet applied: later ones wait (DESIGN rule 4).
+_WAITING_SPECIMENS = (
+    select(_SPECIMENS.c.specimen_id)
+    .join(_RAW, _RAW.c.id == _SPECIMENS.c.message_fk)
+    .where(
+        _SPECIMENS.c.specimen_id.in_(bindparam("specimen_ids", expanding=True)),
+        _RAW.c.status.in_((MessageStatus.HELD, MessageStatus.RECEIVED)),
+        _RAW.c.direction == "in",
+    )
+)
+_INSERT_RAW = insert(_RAW).returning(_RAW.c.id, _RAW.c.sha256)
+_INSERT_SPECIMENS = insert(_SPECIMENS)
+
+
+@dataclass(frozen=True, slots=True)
+class BulkItem:
+    """One message as the pipeline hands it to the writer."""
+
+    rt: InterfaceRuntime
+    raw: bytes
+    peer: str
+    apply_now: bool
+
+
+@dataclass(slots=True)
+class _Prepared:
+    index: int
+    item: BulkItem
+    decoded: Decoded
+    digest: str
+    specimen: SpecimenResults | None = None  # set when the message may take the fast lane
+    keys: frozenset[Hashable] = frozenset()
+    plan: results_bulk.BulkPlan | None = None
+    ack_code: str = ""
+
+    @property
+    def message(self) -> AnalyzerMessage:
+        assert self.decoded.message is not None
+        return self.decoded.message
+
+
+def ingest_one(session: Session, item: BulkItem, *, now: datetime | None = None,
+               decoded: Decoded | None = None) -> IngestResult:
+    """One message, one at a time: store, apply per policy, record its HL7 ACK code."""
+    result = ingest(session, item.rt, item.raw, item.peer, apply_now=item.apply_now, now=now,
+                    decoded=decoded)
+    if item.rt.config.protocol == "hl7":
+        _record_hl7_ack_code(session, item.rt, item.raw, result)
+    return result
+
+
+def ingest_bulk(session: Session, items: list[BulkItem]) -> list[IngestResult]:
+    """:func:`ingest_one` for each item, in order, with the plain ones written together."""
+    now = _utcnow()
+    results: list[IngestResult | None] = [None] * len(items)
+    stretch: list[_Prepared] = []
+    taken: set[Hashable] = set()
+    for index, item in enumerate(items):
+        p = _prepare(index, item)
+        if p.specimen is None:
+            _run_stretch(session, stretch, results, now)
+            stretch, taken = [], set()
+            results[index] = ingest_one(session, item, now=now, decoded=p.decoded)
+            continue
+        if taken & p.keys:
+            _run_stretch(session, stretch, results, now)
+            stretch, taken = [], set()
+        stretch.append(p)
+        taken |= p.keys
+    _run_stretch(session, stretch, results, now)
+    done: list[IngestResult] = []
+    for result in results:
+        assert result is not None
+        done.append(result)
+    return done
+
+
+def _prepare(index: int, item: BulkItem) -> _Prepared:
+    decoded = decode_raw(item.rt, item.raw)
+    p = _Prepared(index, item, decoded, hashlib.sha256(item.raw).hexdigest())
+    message = decoded.message
+    if (message is None or message.kind != MessageKind.RESULTS or not item.apply_now
+            or item.rt.mapping is None):
+        return p
+    patients = [s for s in message.specimens if not s.is_qc]
+    if len(patients) != 1 or not patients[0].specimen_id:
+        return p
+    keys: set[Hashable] = {("sha", p.digest)}
+    keys.update(("specimen", s[:64]) for s in message.specimen_ids if s)
+    if item.rt.config.protocol == "hl7" and message.control_id:
+        keys.add(("control", item.rt.name, message.sender[:200], message.control_id[:100]))
+    p.specimen = patients[0]
+    p.keys = frozenset(keys)
+    return p
+
+
+def _run_stretch(session: Session, stretch: list[_Prepared],
+                 results: list[IngestResult | None], now: datetime) -> None:
+    if not stretch:
+        return
+    fast = _without_earlier_copies(session, stretch, now)
+    fast = _without_waiting_specimens(session, fast)
+    fast = _planned(session, fast, now)
+    fast_ids = {id(p) for p in fast}
+    # In arrival order: the fast ones together, each other one alone where it arrived. The
+    # checks above stay true meanwhile: no two messages of a stretch share a specimen, a
+    # content hash or a control id, so writing one cannot change what another was told.
+    segment: list[_Prepared] = []
+    for p in stretch:
+        if id(p) in fast_ids:
+            segment.append(p)
+            continue
+        if segment:
+            _write(session, segment, now, results)
+            segment = []
+        results[p.index] = ingest_one(session, p.item, now=now, decoded=p.decoded)
+    if segment:
+        _write(session, segment, now, results)
+
+
+def _without_earlier_copies(session: Session, stretch: list[_Prepared],
+                            now: datetime) -> list[_Prepared]:
+    senders = [
+        (p.item.rt.name, p.message.sender[:200], p.message.control_id[:100])
+        for p in stretch if p.item.rt.config.protocol == "hl7" and p.message.control_id
+    ]
+    params: dict[str, Any] = {"since": now - DUPLICATE_WINDOW,
+                              "digests": [p.digest for p in stretch]}
+    query = _EARLIER_COPIES_BY_DIGEST
+    if senders:
+        query, params["senders"] = _EARLIER_COPIES, senders
+    digests: set[str] = set()
+    known: set[tuple[str, str, str]] = set()
+    for digest, interface, sender, control_id in session.connection().execute(query, params):
+        digests.add(digest)
+        known.add((interface, sender, control_id))
+    if not digests:
+        return stretch
+    return [
+        p for p in stretch
+        if p.digest not in digests and (p.item.rt.name, p.message.sender[:200],
+                                        p.message.control_id[:100]) not in known
+    ]
+
+
+def _without_waiting_specimens(session: Session, stretch: list[_Prepared]) -> list[_Prepared]:
+    if not stretch:
+        return stretch
+    wanted = [s[:64] for p in stretch for s in p.message.specimen_ids if s]
+    waiting = set(session.connection().execute(_WAITING_SPECIMENS,
+                                               {"specimen_ids": wanted}).scalars())
+    if not waiting:
+        return stretch
+    return [p for p in stretch if not any(s[:64] in waiting for s in p.message.specimen_ids)]
+
+
+def _planned(session: Session, stretch: list[_Prepared], now: datetime) -> list[_Prepared]:
+    if not stretch:
+        return stretch
+    assert all(p.specimen is not None for p in stretch)
+    facts = results_bulk.load_samples(
+        session, [cast(SpecimenResults, p.specimen).specimen_id for p in stretch])
+    fast: list[_Prepared] = []
+    for p in stretch:
+        specimen = cast(SpecimenResults, p.specimen)
+        known = facts.get(specimen.specimen_id)
+        if known is None:
+            continue  # an unknown specimen: held, the one-at-a-time way
+        mapping = p.item.rt.mapping
+        assert mapping is not None  # _prepare sends a message without a mapping elsewhere
+        sex, age = "U", None
+        if _ranges_by_patient(mapping):
+            sex, age = known.sex, age_years(known.birth_date, now)
+        mapped = mapping.map_specimen(specimen, sex=sex, age_years=age)
+        if mapped.unmapped or not mapped.results:
+            continue
+        p.plan = results_bulk.plan(known, mapped.results)
+        if p.plan is not None:
+            fast.append(p)
+    return fast
+
+
+def _write(session: Session, fast: list[_Prepared], now: datetime,
+           results: list[IngestResult | None]) -> None:
+    rows = []
+    for p in fast:
+        message, rt = p.message, p.item.rt
+        outcome = IngestResult(0, MessageStatus.APPLIED, "accepted", kind=message.kind,
+                               control_id=message.control_id,
+                               specimen_ids=message.specimen_ids)
+        results[p.index] = outcome
+        if rt.config.protocol == "hl7":
+            p.ack_code = hl7_ack_code(rt, p.item.raw, outcome)
+        rows.append({
+            "interface": rt.name, "direction": "in", "protocol": rt.config.protocol,
+            "peer": p.item.peer[:100], "sender": message.sender[:200],
+            "control_id": message.control_id[:100], "message_type": message.message_type[:40],
+            "payload": p.item.raw, "sha256": p.digest, "size": len(p.item.raw),
+            "received_at": now, "status": MessageStatus.APPLIED, "hold_reason": "",
+            "hold_detail": "", "duplicate_of_fk": None, "ack_code": p.ack_code,
+            "applied_at": now, "attempts": 1,
+        })
+    conn = session.connection()
+    ids = {digest: ident for ident, digest in conn.execute(_INSERT_RAW, rows)}
+    specimen_rows: list[dict[str, Any]] = []
+    by_interface: dict[str, list[results_bulk.BulkPlan]] = {}
+    for p in fast:
+        message_id = ids[p.digest]
+        written = results[p.index]
+        assert written is not None and p.plan is not None
+        written.message_id = message_id
+        p.plan.message_id = message_id
+        specimen_rows.extend({"message_fk": message_id, "specimen_id": s[:64]}
+                             for s in dict.fromkeys(p.message.specimen_ids) if s)
+        by_interface.setdefault(p.item.rt.name, []).append(p.plan)
+    conn.execute(_INSERT_SPECIMENS, specimen_rows)
+    for interface, plans in by_interface.items():
+        results_bulk.write_many(session, plans, interface=interface, now=now)
+    for p in fast:
+        assert p.plan is not None
+        log.info("message.applied", interface=p.item.rt.name, message_id=ids[p.digest],
+                 result_count=len(p.plan.results), control_id=p.message.control_id)
+
+
+__all__ = ["BulkItem", "ingest_bulk", "ingest_one"]

@@ -1,0 +1,252 @@
+"""Results for many samples in a few statements: the common case of a group commit.
+
+:func:`lis_bridge.results.apply_results` writes one sample's results with about ten
+statements. At a thousand messages a second those statements, not the data, are the cost.
+Nearly every message is the simple case: first results for a received sample, for tests it
+has ordered. This module writes a whole batch of such messages with one query to read and
+five statements to write, however many samples the batch holds.
+
+It never decides anything :func:`apply_results` would decide differently. :func:`plan_many`
+reads what the checks need and returns a plan only for a sample where every rule of
+``apply_results`` gives the plain outcome (no hold, no resend, no correction, no
+supersede, no auto-receive, no added test, no critical value); for anything else it
+returns None and the caller hands that message to ``apply_results``, which holds,
+supersedes or alerts exactly as before. :func:`write_many` then writes the plans: the
+result rows, the ordered tests' statuses, the sample moves with their audit rows, and the
+render jobs of completed samples, in the caller's transaction.
+
+The samples are locked (PostgreSQL ``FOR UPDATE``, in id order so two writers cannot
+deadlock on them; SQLite's writer holds ``BEGIN IMMEDIATE``), so what was read stays true
+until the commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.orm import Session
+
+from lis_bridge.models import (
+    OrderedTest,
+    Patient,
+    Result,
+    Sample,
+    SampleEvent,
+    SampleState,
+)
+from lis_bridge.results import (
+    _TEST_STATUS,
+    DONE_TEST_STATUSES,
+    _as_utc,
+    _check_item,
+    _comments,
+    _enqueue_jobs,
+    _number,
+    interface_actor,
+)
+from lis_bridge.types import ResultInput
+
+log = structlog.get_logger(__name__)
+
+_SAMPLES = cast(Table, Sample.__table__)
+_TESTS = cast(Table, OrderedTest.__table__)
+_RESULTS = cast(Table, Result.__table__)
+_EVENTS = cast(Table, SampleEvent.__table__)
+
+# States in which a first result is simply written: a COLLECTED / IN_TRANSIT sample needs
+# a hold or an auto-receive, a COMPLETED / REPORTED one a correction rule.
+_OPEN_STATES = (SampleState.RECEIVED_AT_LAB, SampleState.PROCESSING)
+
+_SAMPLES_BY_SPECIMEN = (
+    select(_SAMPLES.c.id, _SAMPLES.c.specimen_id, _SAMPLES.c.state, _SAMPLES.c.location,
+           Patient.sex, Patient.birth_date)
+    .select_from(_SAMPLES.outerjoin(Patient, Patient.id == _SAMPLES.c.patient_fk))
+    .where(_SAMPLES.c.specimen_id.in_(bindparam("specimen_ids", expanding=True)))
+    .order_by(_SAMPLES.c.id)
+)
+_SAMPLES_BY_SPECIMEN_LOCKED = _SAMPLES_BY_SPECIMEN.with_for_update(of=_SAMPLES)
+_TESTS_OF_SAMPLES = (
+    select(_TESTS.c.sample_fk, _TESTS.c.test_code, _TESTS.c.id, _TESTS.c.status)
+    .where(_TESTS.c.sample_fk.in_(bindparam("sample_ids", expanding=True)))
+)
+_RESULT_CODES_OF_SAMPLES = (
+    select(_RESULTS.c.sample_fk, _RESULTS.c.test_code)
+    .where(_RESULTS.c.sample_fk.in_(bindparam("sample_ids", expanding=True)))
+)
+_INSERT_RESULTS = insert(_RESULTS)
+_INSERT_EVENTS = insert(_EVENTS)
+_SET_TEST_STATUS = (
+    update(_TESTS)
+    .where(_TESTS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(status=bindparam("status"))
+)
+_MOVE_SAMPLES = (
+    update(_SAMPLES)
+    .where(_SAMPLES.c.id.in_(bindparam("ids", expanding=True)))
+    .values(state=bindparam("to_state"), state_changed_at=bindparam("at"))
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SampleFacts:
+    """What :func:`load_samples` read about one sample (locked until the commit)."""
+
+    id: int
+    specimen_id: str
+    state: str
+    location: str
+    sex: str
+    birth_date: Any
+    tests: dict[str, tuple[int, str]]  # test code -> (ordered_tests.id, status)
+    result_codes: frozenset[str]  # test codes with any result row, current or not
+    result_rows: int  # result rows in all (names the render job)
+
+
+@dataclass(slots=True)
+class BulkPlan:
+    """Results :func:`write_many` writes for one sample, checked against ``facts``."""
+
+    facts: SampleFacts
+    results: Sequence[ResultInput]
+    message_id: int | None = None
+
+
+def load_samples(session: Session, specimen_ids: Sequence[str]) -> dict[str, SampleFacts]:
+    """The samples named (locked), with their ordered tests and result codes, in 3 queries."""
+    if not specimen_ids:
+        return {}
+    conn = session.connection()
+    postgres = conn.dialect.name == "postgresql"
+    query = _SAMPLES_BY_SPECIMEN_LOCKED if postgres else _SAMPLES_BY_SPECIMEN
+    rows = conn.execute(query, {"specimen_ids": list(dict.fromkeys(specimen_ids))}).all()
+    if not rows:
+        return {}
+    ids = [row[0] for row in rows]
+    tests: dict[int, dict[str, tuple[int, str]]] = {i: {} for i in ids}
+    for sample_fk, code, ident, status in conn.execute(_TESTS_OF_SAMPLES, {"sample_ids": ids}):
+        tests[sample_fk][code] = (ident, status)
+    codes: dict[int, set[str]] = {i: set() for i in ids}
+    counts = dict.fromkeys(ids, 0)
+    for sample_fk, code in conn.execute(_RESULT_CODES_OF_SAMPLES, {"sample_ids": ids}):
+        codes[sample_fk].add(code)
+        counts[sample_fk] += 1
+    return {
+        specimen: SampleFacts(ident, specimen, state, location or "", sex or "U", birth,
+                              tests[ident], frozenset(codes[ident]), counts[ident])
+        for ident, specimen, state, location, sex, birth in rows
+    }
+
+
+def plan(facts: SampleFacts | None, results: Sequence[ResultInput]) -> BulkPlan | None:
+    """A plan when ``apply_results`` would write every result plainly, else None.
+
+    None covers: unknown sample, a state that needs a hold, auto-receive or the
+    correction rules, an invalid field, a test not ordered, a test that already has a
+    result (resend, supersede, P after F), the same test twice, a critical value (its
+    notification names the new row's id), or nothing to write.
+    """
+    if facts is None or facts.state not in _OPEN_STATES or not results:
+        return None
+    seen: set[str] = set()
+    for item in results:
+        code = item.test_code
+        if (code in seen or code not in facts.tests or code in facts.result_codes
+                or item.is_critical or _check_item(item, facts.specimen_id)):
+            return None
+        seen.add(code)
+    return BulkPlan(facts, results)
+
+
+def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
+               now: datetime) -> dict[str, str]:
+    """Write ``plans`` (each sample once, each with its ``message_id``) in the caller's
+    transaction; the state each sample ends in, by specimen id."""
+    if not plans:
+        return {}
+    when = _as_utc(now)
+    actor = interface_actor(interface)
+    conn = session.connection()
+    conn.execute(_INSERT_RESULTS, [
+        {
+            "sample_fk": p.facts.id,
+            "test_code": item.test_code,
+            "analyzer_code": item.analyzer_code,
+            "value_text": item.value_text,
+            "value_number": _number(item),
+            "comparator": item.comparator,
+            "units": item.units,
+            "reference_range": item.reference_range,
+            "flag": item.flag,
+            "is_critical": False,
+            "status": item.status,
+            "observed_at": item.observed_at,
+            "equipment": item.equipment,
+            "comments": _comments(item),
+            "interface": interface,
+            "message_fk": p.message_id,
+            "is_current": True,
+            "superseded_by_fk": None,
+            "created_at": when,
+        }
+        for p in plans
+        for item in p.results
+    ])
+
+    # Ordered tests take the status of their result; one UPDATE per status.
+    test_ids: dict[str, list[int]] = {}
+    events: list[dict[str, Any]] = []
+    moves: dict[str, list[int]] = {}
+    jobs: list[tuple[str, str, dict[str, Any]]] = []
+    final_state: dict[str, str] = {}
+    for p in plans:
+        facts = p.facts
+        statuses = {code: status for code, (_, status) in facts.tests.items()}
+        for item in p.results:
+            status = _TEST_STATUS[item.status]
+            ident, before = facts.tests[item.test_code]
+            if before != status:
+                test_ids.setdefault(status, []).append(ident)
+            statuses[item.test_code] = status
+        state: str = facts.state
+        path: list[tuple[str, str]] = []
+        if state == SampleState.RECEIVED_AT_LAB:
+            path.append((SampleState.PROCESSING, "first result"))
+            state = SampleState.PROCESSING
+        if all(s in DONE_TEST_STATUSES for s in statuses.values()):
+            path.append((SampleState.COMPLETED, "every ordered test final or cancelled"))
+            state = SampleState.COMPLETED
+            jobs.append(("render_report",
+                         f"render_report:{facts.id}:r{facts.result_rows + len(p.results)}",
+                         {"sample_id": facts.id, "specimen_id": facts.specimen_id,
+                          "reason": "completed"}))
+        before_state = facts.state
+        for to_state, note in path:
+            events.append({"sample_fk": facts.id, "specimen_id": facts.specimen_id,
+                           "from_state": before_state, "to_state": to_state,
+                           "location": facts.location, "actor": actor, "note": note,
+                           "at": when})
+            log.info("lis.sample.transition", sample_id=facts.specimen_id,
+                     from_state=before_state, to_state=to_state, actor=actor,
+                     location=facts.location)
+            before_state = to_state
+        if path:
+            moves.setdefault(state, []).append(facts.id)
+        final_state[facts.specimen_id] = state
+
+    for test_status, test_group in test_ids.items():
+        conn.execute(_SET_TEST_STATUS, {"ids": test_group, "status": test_status})
+    for to_state, sample_group in moves.items():
+        conn.execute(_MOVE_SAMPLES, {"ids": sample_group, "to_state": to_state, "at": when})
+    if events:
+        conn.execute(_INSERT_EVENTS, events)
+    if jobs:
+        _enqueue_jobs(session, jobs)
+    return final_state
+
+
+__all__ = ["BulkPlan", "SampleFacts", "load_samples", "plan", "write_many"]
