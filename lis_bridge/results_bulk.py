@@ -22,13 +22,15 @@ until the commit.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
 import structlog
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import BigInteger, Table, any_, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from lis_bridge.models import (
@@ -88,6 +90,18 @@ _SET_TEST_STATUS = (
 _MOVE_SAMPLES = (
     update(_SAMPLES)
     .where(_SAMPLES.c.id.in_(bindparam("ids", expanding=True)))
+    .values(state=bindparam("to_state"), state_changed_at=bindparam("at"))
+)
+# PostgreSQL: the ids as one array parameter. An IN list of 200 parameters costs more to
+# render, quote and plan than updating the 200 rows.
+_SET_TEST_STATUS_PG = (
+    update(_TESTS)
+    .where(_TESTS.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger))))
+    .values(status=bindparam("status"))
+)
+_MOVE_SAMPLES_PG = (
+    update(_SAMPLES)
+    .where(_SAMPLES.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger))))
     .values(state=bindparam("to_state"), state_changed_at=bindparam("at"))
 )
 
@@ -171,7 +185,7 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
     when = _as_utc(now)
     actor = interface_actor(interface)
     conn = session.connection()
-    conn.execute(_INSERT_RESULTS, [
+    rows = [
         {
             "sample_fk": p.facts.id,
             "test_code": item.test_code,
@@ -195,7 +209,11 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
         }
         for p in plans
         for item in p.results
-    ])
+    ]
+    if conn.dialect.driver == "psycopg2":
+        _copy_rows(conn, _RESULTS, rows)
+    else:
+        conn.execute(_INSERT_RESULTS, rows)
 
     # Ordered tests take the status of their result; one UPDATE per status.
     test_ids: dict[str, list[int]] = {}
@@ -238,15 +256,55 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
             moves.setdefault(state, []).append(facts.id)
         final_state[facts.specimen_id] = state
 
+    postgres = conn.dialect.name == "postgresql"
+    set_status = _SET_TEST_STATUS_PG if postgres else _SET_TEST_STATUS
+    move = _MOVE_SAMPLES_PG if postgres else _MOVE_SAMPLES
     for test_status, test_group in test_ids.items():
-        conn.execute(_SET_TEST_STATUS, {"ids": test_group, "status": test_status})
+        conn.execute(set_status, {"ids": test_group, "status": test_status})
     for to_state, sample_group in moves.items():
-        conn.execute(_MOVE_SAMPLES, {"ids": sample_group, "to_state": to_state, "at": when})
+        conn.execute(move, {"ids": sample_group, "to_state": to_state, "at": when})
     if events:
         conn.execute(_INSERT_EVENTS, events)
     if jobs:
         _enqueue_jobs(session, jobs)
     return final_state
+
+
+def _copy_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+    r"""``rows`` into ``table`` with PostgreSQL's COPY, in the connection's transaction.
+
+    For the result rows of a batch: an INSERT's parameters cost psycopg2 ~12 µs a row to
+    quote and PostgreSQL a plan per statement; COPY's text format costs a third of that
+    and no plan. Values are written as COPY text: NULL as ``\N``; backslash, tab, newline
+    and carriage return escaped, so no value can end a field or a row early.
+    """
+    names = list(rows[0])
+    lines = [
+        "\t".join(_copy_text(row[name]) for name in names) for row in rows
+    ]
+    buffer = io.StringIO("\n".join(lines) + "\n")
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.copy_expert(f"COPY {table.name} ({', '.join(names)}) FROM STDIN", buffer)
+    finally:
+        cursor.close()
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(value: Any) -> str:
+    if value is None:
+        return "\\N"
+    if value is True:
+        return "t"
+    if value is False:
+        return "f"
+    if isinstance(value, str):
+        return value.translate(_COPY_ESCAPES)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)  # int, Decimal
 
 
 __all__ = ["BulkPlan", "SampleFacts", "load_samples", "plan", "write_many"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.errors import LocalProtocolError
 from engine.protocols.astm_link import (
@@ -639,3 +641,53 @@ def test_a_late_commit_of_an_abandoned_message_never_acks_the_next_one() -> None
     assert link.data_to_send() == b""
     link.message_failed(17.1)  # M2 could not be stored
     assert link.data_to_send() == b"\x15"
+
+
+# A line's worth of pieces: good frames, damaged ones, control characters, garbage,
+# text longer than the frame limit.
+_PIECES = st.sampled_from([
+    bytes([ENQ]), bytes([EOT]), b"\x02", b"\x03", b"\x17", b"\r\n", b"\r", b"xx",
+    b"\x021H|\\^&\r\x03", b"\x022L|1\r\x03", b"5A\r\n", b"zz", b"y" * 300, b"\x02abc",
+    # frame text right at the limit of max_frame_size=256 and one byte either side
+    *(b"\x021" + b"y" * n for n in range(248, 256)),
+    *encode_frames(MSG), *encode_frames(H + b"R|1|" + b"v" * 400 + b"\rL|1\r", frame_size=240),
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(_PIECES, max_size=30), lenient=st.booleans(),
+       strict_trailer=st.booleans())
+def test_one_read_or_byte_by_byte_gives_the_same_link(pieces: list[bytes], lenient: bool,
+                                                      strict_trailer: bool) -> None:
+    """Frame text is taken a slice at a time: the outcome (replies, events, state) must be
+    exactly that of the same bytes fed one at a time. PROTOCOLS 13, 29, 37. (No message is
+    committed here: when a commit lands between two reads is the adapter's timing, and
+    bytes that arrive before it are rightly judged differently.)"""
+    data = b"".join(pieces)
+
+    def run(size: int) -> tuple[bytes, list[Event], LinkState]:
+        link = ASTMLink(max_frame_size=256, lenient=lenient, strict_trailer=strict_trailer)
+        replies, seen = b"", []
+        for i in range(0, len(data), size or max(1, len(data))):
+            link.receive_data(data[i : i + (size or len(data))], 0.0)
+            seen.extend(events(link))
+            replies += link.data_to_send()
+        return replies, seen, link.state
+
+    assert run(0) == run(1) == run(7)
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+@pytest.mark.parametrize("length", range(246, 258))
+def test_frame_text_at_the_size_limit_read_at_once_or_byte_by_byte(length: int,
+                                                                   lenient: bool) -> None:
+    """PROTOCOLS 13: the frame-size bound is the same however the text is read."""
+    body = b"1" + b"y" * length + b"\x03"
+    data = b"\x05\x02" + body + checksum(body) + b"\r\n"
+
+    def run(size: int) -> tuple[bytes, list[Event]]:
+        link = ASTMLink(max_frame_size=256, lenient=lenient)
+        feed(link, data, size=size)
+        return link.data_to_send(), events(link)
+
+    assert run(0) == run(1)

@@ -5,6 +5,11 @@ in one direction (a duplicated byte arrives next to its original, as line noise 
 and the fake clock only moves while nothing is in flight: LIS01-A2 assumes a reply
 either arrives within its 15 s or never (PROTOCOLS 32-33).
 
+At most one fault hits a transmission (what is in flight between two reads): two faults
+can cancel out in E1381's modulo-256 checksum (drop one byte, duplicate another of the
+same value: the same bytes in another order), which the protocol cannot detect by design
+(PROTOCOLS 19); such a line is outside what LIS01-A2 promises.
+
 Invariant: a message the sender reports completed was delivered exactly once; a
 message it reports failed was delivered at most once; nothing is delivered that was
 not sent, and no content is ever altered (PROTOCOLS 19, 24, 30-33, 36).
@@ -42,6 +47,7 @@ class LossyLine(RuleBasedStateMachine):
         self.failed: set[bytes] = set()
         self.delivered: Counter[bytes] = Counter()
         self.fail_next_store = False
+        self.damaged = {True: False, False: False}  # by direction: to_receiver?
 
     # ------------------------------------------------------------- plumbing
 
@@ -79,32 +85,37 @@ class LossyLine(RuleBasedStateMachine):
     @rule()
     def deliver_to_receiver(self) -> None:
         data, self.to_receiver = bytes(self.to_receiver), bytearray()
+        self.damaged[True] = False
         self.receiver.receive_data(data, self.now)
         self._collect()
 
     @rule()
     def deliver_to_sender(self) -> None:
         data, self.to_sender = bytes(self.to_sender), bytearray()
+        self.damaged[False] = False
         self.sender.receive_data(data, self.now)
         self._collect()
 
     @rule(to_receiver=st.booleans(), where=st.integers(min_value=0))
     def drop(self, to_receiver: bool, where: int) -> None:
         buf = self.to_receiver if to_receiver else self.to_sender
-        if buf:
+        if buf and not self.damaged[to_receiver]:
+            self.damaged[to_receiver] = True
             del buf[where % len(buf)]
 
     @rule(to_receiver=st.booleans(), where=st.integers(min_value=0))
     def corrupt(self, to_receiver: bool, where: int) -> None:
         buf = self.to_receiver if to_receiver else self.to_sender
-        if buf:
+        if buf and not self.damaged[to_receiver]:
+            self.damaged[to_receiver] = True
             i = where % len(buf)
             buf[i] = CORRUPT if buf[i] != CORRUPT else ord("!")
 
     @rule(to_receiver=st.booleans(), where=st.integers(min_value=0))
     def duplicate(self, to_receiver: bool, where: int) -> None:
         buf = self.to_receiver if to_receiver else self.to_sender
-        if buf:
+        if buf and not self.damaged[to_receiver]:
+            self.damaged[to_receiver] = True
             i = where % len(buf)
             buf.insert(i, buf[i])
 
