@@ -96,12 +96,42 @@ _INSERT_SPECIMENS = insert(_SPECIMENS)
 
 @dataclass(frozen=True, slots=True)
 class BulkItem:
-    """One message as the pipeline hands it to the writer."""
+    """One message as the pipeline hands it to the writer.
+
+    ``decoded`` and ``mapped``: the driver's and the mapping's work, done on the reactor
+    thread when the message arrived (:func:`prepare_item`), so the writer thread, which
+    every message waits for, does not repeat it. Either may be None: then the writer
+    does that work itself.
+    """
 
     rt: InterfaceRuntime
     raw: bytes
     peer: str
     apply_now: bool
+    decoded: Decoded | None = None
+    mapped: Any = None  # engine.mapping.MappedSpecimen of the one patient specimen
+
+
+def prepare_item(rt: InterfaceRuntime, raw: bytes, peer: str, apply_now: bool) -> BulkItem:
+    """A :class:`BulkItem` with the message decoded and, where the mapping needs nothing
+    from the database (no reference range by sex or age), mapped. Never raises: a
+    failure here is left for the writer, whose unit then stores the message and holds it
+    with INTERNAL_ERROR as for any fault (Pipeline.submit)."""
+    try:
+        decoded = decode_raw(rt, raw)
+    except Exception:  # noqa: BLE001 - decoded again in the writer's unit, which handles it
+        return BulkItem(rt, raw, peer, apply_now)
+    mapped = None
+    message = decoded.message
+    if (message is not None and message.kind == MessageKind.RESULTS and apply_now
+            and rt.mapping is not None and not _ranges_by_patient(rt.mapping)):
+        patients = [s for s in message.specimens if not s.is_qc]
+        if len(patients) == 1:
+            try:
+                mapped = rt.mapping.map_specimen(patients[0])
+            except Exception:  # noqa: BLE001 - mapped again in the writer
+                mapped = None
+    return BulkItem(rt, raw, peer, apply_now, decoded, mapped)
 
 
 @dataclass(slots=True)
@@ -125,7 +155,7 @@ def ingest_one(session: Session, item: BulkItem, *, now: datetime | None = None,
                decoded: Decoded | None = None) -> IngestResult:
     """One message, one at a time: store, apply per policy, record its HL7 ACK code."""
     result = ingest(session, item.rt, item.raw, item.peer, apply_now=item.apply_now, now=now,
-                    decoded=decoded)
+                    decoded=decoded or item.decoded)
     if item.rt.config.protocol == "hl7":
         _record_hl7_ack_code(session, item.rt, item.raw, result)
     return result
@@ -158,7 +188,7 @@ def ingest_bulk(session: Session, items: list[BulkItem]) -> list[IngestResult]:
 
 
 def _prepare(index: int, item: BulkItem) -> _Prepared:
-    decoded = decode_raw(item.rt, item.raw)
+    decoded = item.decoded or decode_raw(item.rt, item.raw)
     p = _Prepared(index, item, decoded, hashlib.sha256(item.raw).hexdigest())
     message = decoded.message
     if (message is None or message.kind != MessageKind.RESULTS or not item.apply_now
@@ -250,10 +280,12 @@ def _planned(session: Session, stretch: list[_Prepared], now: datetime) -> list[
             continue  # an unknown specimen: held, the one-at-a-time way
         mapping = p.item.rt.mapping
         assert mapping is not None  # _prepare sends a message without a mapping elsewhere
-        sex, age = "U", None
-        if _ranges_by_patient(mapping):
-            sex, age = known.sex, age_years(known.birth_date, now)
-        mapped = mapping.map_specimen(specimen, sex=sex, age_years=age)
+        mapped = p.item.mapped
+        if mapped is None or mapped.specimen_id != specimen.specimen_id:
+            sex, age = "U", None
+            if _ranges_by_patient(mapping):
+                sex, age = known.sex, age_years(known.birth_date, now)
+            mapped = mapping.map_specimen(specimen, sex=sex, age_years=age)
         if mapped.unmapped or not mapped.results:
             continue
         p.plan = results_bulk.plan(known, mapped.results)
@@ -304,4 +336,4 @@ def _write(session: Session, fast: list[_Prepared], now: datetime,
                  result_count=len(p.plan.results), control_id=p.message.control_id)
 
 
-__all__ = ["BulkItem", "ingest_bulk", "ingest_one"]
+__all__ = ["BulkItem", "ingest_bulk", "ingest_one", "prepare_item"]

@@ -91,12 +91,15 @@ def _shared_processors() -> list[Any]:
 
 
 def configure_logging(
-    log_format: str = "auto", level: int = logging.INFO, stream: Any = None
+    log_format: str = "auto", level: int = logging.INFO, stream: Any = None, *,
+    cache_loggers: bool = False,
 ) -> None:
     """Configure structlog and stdlib logging (Twisted's log is routed through it).
 
     The engine (`labrelay run`) logs to stdout; other commands log to stderr so their
-    own output stays clean for pipes.
+    own output stays clean for pipes. ``cache_loggers``: each module's logger is built
+    once, not again for every line (the engine logs a few lines per message); off by
+    default so that ``structlog.testing.capture_logs`` sees every logger in tests.
     """
     global _ACTIVE
     stream = stream if stream is not None else sys.stderr
@@ -116,7 +119,7 @@ def configure_logging(
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache_loggers,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(),

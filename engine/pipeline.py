@@ -633,14 +633,14 @@ class Pipeline:
         self.stats: dict[str, PipelineStats] = {name: PipelineStats() for name in interfaces}
 
     def submit(self, interface: str, raw: bytes, peer: str) -> Deferred[IngestResult]:
-        from engine.ingest_bulk import BulkItem, ingest_bulk, ingest_one
+        from engine.ingest_bulk import ingest_bulk, ingest_one, prepare_item
 
         rt = self.interfaces[interface]
         apply_now = rt.config.ack_policy == "after_apply"
         started = time.perf_counter()
         stats = self.stats[interface]
         stats.received += 1
-        item = BulkItem(rt, raw, peer, apply_now)
+        item = prepare_item(rt, raw, peer, apply_now)
         # Alone, or (bulk) together with the messages queued beside it: same outcome.
         d = self.writer.submit(lambda session: ingest_one(session, item), bulk=ingest_bulk,
                                item=item)

@@ -192,7 +192,7 @@ def _sync_loaded(session: Session, model: type[Any], ident: int, **values: Any) 
 
 
 def _comments(item: ResultInput) -> str:
-    return "\n".join(c for c in item.comments if c)
+    return "\n".join(filter(None, item.comments)) if item.comments else ""
 
 
 def _number(item: ResultInput) -> Decimal | None:

@@ -248,11 +248,13 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
                            "from_state": before_state, "to_state": to_state,
                            "location": facts.location, "actor": actor, "note": note,
                            "at": when})
-            log.info("lis.sample.transition", sample_id=facts.specimen_id,
-                     from_state=before_state, to_state=to_state, actor=actor,
-                     location=facts.location)
             before_state = to_state
         if path:
+            # one line per sample, however many moves (each move has its audit row)
+            log.info("lis.sample.transition", sample_id=facts.specimen_id,
+                     from_state=facts.state, to_state=state, actor=actor,
+                     location=facts.location,
+                     **({"through": path[0][0]} if len(path) > 1 else {}))
             moves.setdefault(state, []).append(facts.id)
         final_state[facts.specimen_id] = state
 

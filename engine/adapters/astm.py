@@ -14,6 +14,7 @@ drive the 15 / 20 / 30 s timers with ``task.Clock``.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -93,6 +94,9 @@ class ASTMProtocol(Protocol):
         self.link = ASTMLink(**factory.link_options)
         self.clock: Any = factory.clock
         self.log = log.bind(interface=factory.interface_name, peer=peer)
+        # Link-level events come a dozen per message; at INFO they are skipped before
+        # structlog builds an event for them.
+        self._debug = logging.getLogger(__name__).isEnabledFor(logging.DEBUG)
         self._timer: DelayedCall | None = None
         self._timer_at: float | None = None
         self._closed = False
@@ -171,9 +175,11 @@ class ASTMProtocol(Protocol):
     def _on_event(self, event: object) -> None:
         match event:
             case MessageReceived():
-                self.log.info(
-                    "astm.message.received", size=len(event.text), complete=event.complete
-                )
+                # the pipeline logs each message's outcome (message.applied / held / ...)
+                if not event.complete:
+                    self.log.warning("astm.message.incomplete", size=len(event.text))
+                elif self._debug:
+                    self.log.debug("astm.message.received", size=len(event.text))
                 self._inbox.append(event)
                 self._next_message()
             case FrameRejected():
@@ -200,7 +206,8 @@ class ASTMProtocol(Protocol):
                     if item is not None and not item.done.called:
                         item.done.errback(Failure(SendNotDelivered(event.reason)))
             case SessionStarted() | SessionEnded() | FrameAnswered():
-                self.log.debug("astm.link.session", kind=type(event).__name__)
+                if self._debug:
+                    self.log.debug("astm.link.session", kind=type(event).__name__)
 
     # ---------------------------------------------------------------- handler
 
@@ -232,7 +239,8 @@ class ASTMProtocol(Protocol):
             return
         now = self.clock.seconds()
         self.link.message_committed(now)
-        self.log.info("astm.message.committed", replies=len(outgoing or []))
+        if outgoing:
+            self.log.info("astm.replies.queued", replies=len(outgoing))
         for text in outgoing or []:
             self._queue_outgoing(_Outgoing(text))
         self._pump()
