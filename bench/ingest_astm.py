@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -31,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.ingest_hl7 import TESTS, prepare_database  # noqa: E402
+from bench.ingest_hl7 import TESTS, WARM_UP, check_stored, prepare_database  # noqa: E402
 from drivers.astm.files import wire_frames  # noqa: E402
 
 ENQ, ACK, NAK, EOT = b"\x05", b"\x06", b"\x15", b"\x04"
@@ -127,37 +128,73 @@ def stop_engine(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
+class _Instrument(asyncio.Protocol):
+    """One analyzer on its own connection: ENQ, frames (each waits for its ACK), EOT.
+
+    A protocol, not streams: a reply is a future resolved in ``data_received``, so the
+    load generator spends microseconds per frame and leaves the two cores to the engine
+    it measures (``asyncio.wait_for`` on a stream read made a task per frame).
+    """
+
+    def __init__(self, texts: list[bytes], latencies: list[float], done: asyncio.Future[None]):
+        self.texts, self.latencies, self.done = texts, latencies, done
+        self.transport: asyncio.Transport | None = None
+        self.reply: asyncio.Future[bytes] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
+                                                      socket.TCP_NODELAY, 1)
+        self.task = asyncio.ensure_future(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        for byte in data:
+            if byte in (ACK[0], NAK[0], EOT[0]) and self.reply and not self.reply.done():
+                self.reply.set_result(bytes([byte]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.reply and not self.reply.done():
+            self.reply.set_exception(ConnectionError("engine closed the connection"))
+
+    async def _send(self, data: bytes) -> bytes:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self.reply = loop.create_future()
+        timeout = loop.call_later(30, self.reply.cancel)  # bounded: no reply in 30 s fails
+        self.transport.write(data)
+        try:
+            return await self.reply
+        finally:
+            timeout.cancel()
+
+    async def _run(self) -> None:
+        assert self.transport is not None
+        try:
+            for text in self.texts:
+                started = time.perf_counter()
+                if await self._send(ENQ) != ACK:
+                    raise RuntimeError("ENQ not acknowledged")
+                for frame in wire_frames(text):
+                    for _attempt in range(6):
+                        if await self._send(frame) == ACK:
+                            break
+                    else:
+                        raise RuntimeError("frame refused 6 times")
+                self.transport.write(EOT)
+                self.latencies.append(time.perf_counter() - started)
+            self.transport.close()
+            self.done.set_result(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting benchmark
+            self.transport.close()
+            if not self.done.done():
+                self.done.set_exception(exc)
+
+
 async def _instrument(port: int, texts: list[bytes], latencies: list[float]) -> None:
-    """One analyzer on its own connection: ENQ, frames (each waits for its ACK), EOT."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    async def reply() -> bytes:
-        while True:
-            data = await asyncio.wait_for(reader.read(64), 30)
-            if not data:
-                raise ConnectionError("engine closed the connection")
-            for byte in data:
-                if bytes([byte]) in (ACK, NAK, EOT):
-                    return bytes([byte])
-
-    for text in texts:
-        started = time.perf_counter()
-        writer.write(ENQ)
-        if await reply() != ACK:
-            raise RuntimeError("ENQ not acknowledged")
-        for frame in wire_frames(text):
-            for _attempt in range(6):
-                writer.write(frame)
-                if await reply() == ACK:
-                    break
-            else:
-                raise RuntimeError("frame refused 6 times")
-        writer.write(EOT)
-        latencies.append(time.perf_counter() - started)
-    writer.close()
-    await writer.wait_closed()
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    await loop.create_connection(lambda: _Instrument(texts, latencies, done), "127.0.0.1", port)
+    await done
 
 
 async def _instruments(
@@ -174,21 +211,24 @@ def bench_tcp(workdir: Path, mapping: Path, count: int, connections: int) -> Non
     from bench.ingest_hl7 import _wait_listening, free_port
 
     url = f"sqlite:///{workdir / f'astm-tcp-{connections}.db'}"
-    prepare_database(url, count)
+    prepare_database(url, count + WARM_UP)
     port = free_port()
     config = workdir / "astm-tcp.yaml"
     config.write_text(config_yaml(mapping, port=port))
     process = start_engine(config, url, workdir)
     try:
         _wait_listening(port, process)
-        texts = [astm_message(f"B{i:07d}") for i in range(count)]
-        elapsed, latencies = asyncio.run(_instruments(port, connections, texts))
+        texts = [astm_message(f"B{i:07d}") for i in range(count + WARM_UP)]
+        # Warm-up, not counted: the first messages pay for imports and compiled statements.
+        asyncio.run(_instruments(port, 1, texts[:WARM_UP]))
+        elapsed, latencies = asyncio.run(_instruments(port, connections, texts[WARM_UP:]))
     finally:
         stop_engine(process)
     latencies.sort()
+    check = check_stored(url, count + WARM_UP)
     print(f"TCP, SQLite, 25 results/message, x{connections}: {count / elapsed:7.0f} msg/s   "
           f"p50 {statistics.median(latencies) * 1000:5.1f} ms   "
-          f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:5.1f} ms")
+          f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:5.1f} ms   {check}")
 
 
 def bench_serial(workdir: Path, mapping: Path, count: int) -> None:
@@ -242,9 +282,12 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="labrelay-astm-bench-"))
     mapping = workdir / "bench-astm.yaml"
     mapping.write_text(mapping_yaml())
-    for connections in (1, 8):
-        bench_tcp(workdir, mapping, args.messages, connections)
-    bench_serial(workdir, mapping, args.serial_messages)
+    try:
+        for connections in (1, 8):
+            bench_tcp(workdir, mapping, args.messages, connections)
+        bench_serial(workdir, mapping, args.serial_messages)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

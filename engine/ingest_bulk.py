@@ -243,7 +243,7 @@ def _without_earlier_copies(session: Session, stretch: list[_Prepared],
         query, params["senders"] = _EARLIER_COPIES, senders
     digests: set[str] = set()
     known: set[tuple[str, str, str]] = set()
-    for digest, interface, sender, control_id in session.connection().execute(query, params):
+    for digest, interface, sender, control_id in session.connection().execute(query, params).all():
         digests.add(digest)
         known.add((interface, sender, control_id))
     if not digests:

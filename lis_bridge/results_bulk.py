@@ -142,11 +142,13 @@ def load_samples(session: Session, specimen_ids: Sequence[str]) -> dict[str, Sam
         return {}
     ids = [row[0] for row in rows]
     tests: dict[int, dict[str, tuple[int, str]]] = {i: {} for i in ids}
-    for sample_fk, code, ident, status in conn.execute(_TESTS_OF_SAMPLES, {"sample_ids": ids}):
+    # .all(): one fetch for the batch's ~200 rows, not a fetch per row
+    for sample_fk, code, ident, status in conn.execute(_TESTS_OF_SAMPLES,
+                                                       {"sample_ids": ids}).all():
         tests[sample_fk][code] = (ident, status)
     codes: dict[int, set[str]] = {i: set() for i in ids}
     counts = dict.fromkeys(ids, 0)
-    for sample_fk, code in conn.execute(_RESULT_CODES_OF_SAMPLES, {"sample_ids": ids}):
+    for sample_fk, code in conn.execute(_RESULT_CODES_OF_SAMPLES, {"sample_ids": ids}).all():
         codes[sample_fk].add(code)
         counts[sample_fk] += 1
     return {

@@ -265,12 +265,17 @@ class ASTMProtocol(Protocol):
         deadline = self.link.get_timer()
         if deadline == self._timer_at and self._timer is not None and self._timer.active():
             return
-        self._cancel_timer()
         if deadline is None or self._closed:
+            self._cancel_timer()
             return
         delay = max(0.0, deadline - self.clock.seconds())
         self._timer_at = deadline
-        self._timer = self.clock.callLater(delay, self._timer_fired)
+        if self._timer is not None and self._timer.active():
+            # The receive deadline moves with every frame: moving the armed call is
+            # cheaper than cancelling it and scheduling a new one each time.
+            self._timer.reset(delay)
+        else:
+            self._timer = self.clock.callLater(delay, self._timer_fired)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():

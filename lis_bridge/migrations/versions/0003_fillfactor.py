@@ -19,7 +19,7 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-FILLFACTOR = {"ordered_tests": 70, "samples": 70, "raw_messages": 90, "outbox_jobs": 70}
+FILLFACTOR = {"ordered_tests": 50, "samples": 70, "raw_messages": 90, "outbox_jobs": 70}
 
 
 def upgrade() -> None:
