@@ -322,3 +322,29 @@ def test_a_plain_batch_takes_the_fast_lane_and_is_complete(sqlite_url: str) -> N
         assert conn.scalar(text("SELECT count(*) FROM outbox_jobs WHERE kind = "
                                 "'render_report'")) == 8
     engine.dispose()
+
+
+def test_the_duplicate_check_looks_up_indexes_not_the_whole_table(sqlite_url: str) -> None:
+    """DESIGN rule 5 at any table size: the batch duplicate check must seek by content
+    hash and by (interface, sender, control id), never scan raw_messages (one query with
+    OR did, and got slower with every message an analyzer had sent)."""
+    from datetime import UTC, datetime
+
+    from engine.ingest_bulk import _earlier_copies_query
+
+    query = _earlier_copies_query(["a" * 64, "b" * 64],
+                                  {("t-hl7", "AN|LAB"): ["c1", "c2"], ("t-hl7", "X"): ["c3"]})
+    engine = make_engine(sqlite_url)
+    from sqlalchemy import event
+
+    def explain(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        return f"EXPLAIN QUERY PLAN {statement}", parameters
+
+    event.listen(engine, "before_cursor_execute", explain, retval=True)
+    with engine.connect() as conn:
+        plan = conn.execute(query, {"since": datetime(2026, 1, 1, tzinfo=UTC)}).all()
+    engine.dispose()
+    details = [row[-1] for row in plan]
+    assert not any(d.startswith("SCAN raw_messages") for d in details), details
+    assert any("ix_raw_messages_sha256" in d for d in details), details
+    assert sum("ix_raw_messages_dedupe" in d for d in details) == 2, details
