@@ -494,35 +494,39 @@ def _insert_results(
     message_id: int | None, when: datetime,
 ) -> list[int]:
     """Insert one row per planned result; their ids, in ``plan`` order."""
-    rows = [
-        {
-            "sample_fk": sample.id,
-            "test_code": item.test_code,
-            "analyzer_code": item.analyzer_code,
-            "value_text": item.value_text,
-            "value_number": _number(item),
-            "comparator": item.comparator,
-            "units": item.units,
-            "reference_range": item.reference_range,
-            "flag": item.flag,
-            "is_critical": item.is_critical,
-            "status": item.status,
-            "observed_at": item.observed_at,
-            "equipment": item.equipment,
-            "comments": _comments(item),
-            "interface": interface,
-            "message_fk": message_id,
-            "is_current": True,
-            "superseded_by_fk": None,
-            "created_at": when,
-        }
-        for item in plan
-    ]
+    rows = [result_row(sample.id, item, interface, message_id, when) for item in plan]
     codes = [item.test_code for item in plan]
     if len(set(codes)) < len(codes):
         return list(session.scalars(_INSERT_RESULTS_IN_ORDER, rows))
     ids = dict(session.execute(_INSERT_RESULTS, rows).tuples().all())
     return [ids[code] for code in codes]
+
+
+def result_row(sample_id: int, item: ResultInput, interface: str, message_id: int | None,
+               when: datetime) -> dict[str, Any]:
+    """The ``results`` row for one new, current result (every column; one place for both
+    the one-sample path and :mod:`lis_bridge.results_bulk`)."""
+    return {
+        "sample_fk": sample_id,
+        "test_code": item.test_code,
+        "analyzer_code": item.analyzer_code,
+        "value_text": item.value_text,
+        "value_number": _number(item),
+        "comparator": item.comparator,
+        "units": item.units,
+        "reference_range": item.reference_range,
+        "flag": item.flag,
+        "is_critical": item.is_critical,
+        "status": item.status,
+        "observed_at": item.observed_at,
+        "equipment": item.equipment,
+        "comments": _comments(item),
+        "interface": interface,
+        "message_fk": message_id,
+        "is_current": True,
+        "superseded_by_fk": None,
+        "created_at": when,
+    }
 
 
 def _same_as_input(a: ResultInput, b: ResultInput) -> bool:

@@ -46,10 +46,9 @@ from lis_bridge.results import (
     DONE_TEST_STATUSES,
     _as_utc,
     _check_item,
-    _comments,
     _enqueue_jobs,
-    _number,
     interface_actor,
+    result_row,
 )
 from lis_bridge.types import ResultInput
 
@@ -187,31 +186,9 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
     when = _as_utc(now)
     actor = interface_actor(interface)
     conn = session.connection()
-    rows = [
-        {
-            "sample_fk": p.facts.id,
-            "test_code": item.test_code,
-            "analyzer_code": item.analyzer_code,
-            "value_text": item.value_text,
-            "value_number": _number(item),
-            "comparator": item.comparator,
-            "units": item.units,
-            "reference_range": item.reference_range,
-            "flag": item.flag,
-            "is_critical": False,
-            "status": item.status,
-            "observed_at": item.observed_at,
-            "equipment": item.equipment,
-            "comments": _comments(item),
-            "interface": interface,
-            "message_fk": p.message_id,
-            "is_current": True,
-            "superseded_by_fk": None,
-            "created_at": when,
-        }
-        for p in plans
-        for item in p.results
-    ]
+    # plan() let no critical value through: is_critical is False in every row
+    rows = [result_row(p.facts.id, item, interface, p.message_id, when)
+            for p in plans for item in p.results]
     if conn.dialect.driver == "psycopg2":
         _copy_rows(conn, _RESULTS, rows)
     else:
