@@ -348,3 +348,17 @@ def test_the_duplicate_check_looks_up_indexes_not_the_whole_table(sqlite_url: st
     assert not any(d.startswith("SCAN raw_messages") for d in details), details
     assert any("ix_raw_messages_sha256" in d for d in details), details
     assert sum("ix_raw_messages_dedupe" in d for d in details) == 2, details
+
+
+def test_large_messages_are_decoded_by_the_writer_not_the_reactor() -> None:
+    """The reactor serves every analyzer: it decodes a message as it arrives only when
+    that is quick. A large one goes to the writer undecoded, and is stored all the same."""
+    from engine.ingest_bulk import REACTOR_DECODE_LIMIT, prepare_item
+
+    rt = runtime()
+    small = prepare_item(rt, oru("s1", "P-1", [("GLU", "5.4", "F")]), "p", True)
+    assert small.decoded is not None and small.decoded.message is not None
+    assert small.mapped is None  # generic_hl7 ranges depend on sex: mapped in the writer
+    filler = [("NA", "140", "F")] * (REACTOR_DECODE_LIMIT // 20)
+    large = prepare_item(rt, oru("s2", "P-1", filler), "p", True)
+    assert large.decoded is None and large.mapped is None
