@@ -32,7 +32,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.ingest_hl7 import TESTS, WARM_UP, check_stored, prepare_database  # noqa: E402
+from bench.ingest_hl7 import (  # noqa: E402
+    ADMIN_TOKEN,
+    TESTS,
+    WARM_UP,
+    check_stored,
+    prepare_database,
+    writer_load,
+    writer_status,
+)
 from drivers.astm.files import wire_frames  # noqa: E402
 
 ENQ, ACK, NAK, EOT = b"\x05", b"\x06", b"\x15", b"\x04"
@@ -59,12 +67,15 @@ def mapping_yaml() -> str:
     return "\n".join(lines) + "\n"
 
 
-def config_yaml(mapping: Path, *, port: int | None = None, device: str | None = None) -> str:
+def config_yaml(mapping: Path, *, port: int | None = None, device: str | None = None,
+                admin_port: int | None = None) -> str:
     transport = (f"listen: tcp:{port}:interface=127.0.0.1" if port is not None
                  else f"serial: {{device: {device}, baudrate: 9600}}")
+    admin = (f"admin: {{listen: 'tcp:{admin_port}:interface=127.0.0.1', token: {ADMIN_TOKEN}}}\n"
+             if admin_port else "")
     return f"""
 database: sqlite:///unused.db
-interfaces:
+{admin}interfaces:
   - name: bench-astm
     protocol: astm
     driver: astm-generic
@@ -212,16 +223,18 @@ def bench_tcp(workdir: Path, mapping: Path, count: int, connections: int) -> Non
 
     url = f"sqlite:///{workdir / f'astm-tcp-{connections}.db'}"
     prepare_database(url, count + WARM_UP)
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     config = workdir / "astm-tcp.yaml"
-    config.write_text(config_yaml(mapping, port=port))
+    config.write_text(config_yaml(mapping, port=port, admin_port=admin_port))
     process = start_engine(config, url, workdir)
     try:
         _wait_listening(port, process)
         texts = [astm_message(f"B{i:07d}") for i in range(count + WARM_UP)]
         # Warm-up, not counted: the first messages pay for imports and compiled statements.
         asyncio.run(_instruments(port, 1, texts[:WARM_UP]))
+        before = writer_status(admin_port)
         elapsed, latencies = asyncio.run(_instruments(port, connections, texts[WARM_UP:]))
+        load = writer_load(before, writer_status(admin_port), elapsed)
     finally:
         stop_engine(process)
     latencies.sort()
@@ -229,6 +242,8 @@ def bench_tcp(workdir: Path, mapping: Path, count: int, connections: int) -> Non
     print(f"TCP, SQLite, 25 results/message, x{connections}: {count / elapsed:7.0f} msg/s   "
           f"p50 {statistics.median(latencies) * 1000:5.1f} ms   "
           f"p99 {latencies[int(len(latencies) * 0.99) - 1] * 1000:5.1f} ms   {check}")
+    if load:
+        print(f"    {load}")
 
 
 def bench_serial(workdir: Path, mapping: Path, count: int) -> None:

@@ -38,6 +38,7 @@ from lis_bridge.models import OrderedTest, Sample  # noqa: E402
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 TESTS = [f"T{i:02d}" for i in range(1, 26)]
 WARM_UP = 50  # messages sent first on one connection, not timed
+ADMIN_TOKEN = "bench-admin-token"  # noqa: S105 - a local bench engine on 127.0.0.1
 DEFAULT_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/labrelay_bench"
 
 
@@ -68,10 +69,12 @@ def mapping_yaml() -> str:
     return "\n".join(lines) + "\n"
 
 
-def config_yaml(port: int, mapping: Path) -> str:
+def config_yaml(port: int, mapping: Path, admin_port: int | None = None) -> str:
+    admin = (f"admin: {{listen: 'tcp:{admin_port}:interface=127.0.0.1', token: {ADMIN_TOKEN}}}\n"
+             if admin_port else "")
     return f"""
 database: sqlite:///unused.db
-interfaces:
+{admin}interfaces:
   - name: bench-hl7
     protocol: hl7
     driver: hl7-generic
@@ -120,6 +123,35 @@ def fresh_postgres(base_url: str) -> str | None:
     finally:
         admin.dispose()
     return url.render_as_string(hide_password=False)
+
+
+def writer_status(admin_port: int | None) -> dict[str, float] | None:
+    """The engine's writer counters from its admin /status (None without admin)."""
+    if admin_port is None:
+        return None
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/status",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - http only
+            return dict(json.loads(response.read())["writer"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def writer_load(before: dict[str, float] | None, after: dict[str, float] | None,
+                elapsed: float) -> str:
+    """How busy the writer was during the timed run, and its mean batch: a writer busy
+    nearly all the time is the bottleneck; one idle half the time waits on the line."""
+    if not before or not after:
+        return ""
+    batches = after["batches"] - before["batches"]
+    units = after["units"] - before["units"]
+    busy = after["busy_seconds"] - before["busy_seconds"]
+    return (f"writer busy {busy / elapsed:.0%} of the time, "
+            f"mean batch {units / max(batches, 1):.1f}")
 
 
 def check_stored(url: str, count: int) -> str:
@@ -187,15 +219,17 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float 
 
 
 def run_case(label: str, command: list[str], env: dict[str, str], port: int, connections: int,
-             messages: list[bytes], workdir: Path) -> float:
+             messages: list[bytes], workdir: Path, admin_port: int | None = None) -> float:
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
         _wait_listening(port, process)
         # Warm-up, not counted: the first messages pay for imports and compiled statements.
         asyncio.run(_load(port, 1, messages[:WARM_UP]))
+        before = writer_status(admin_port)
         elapsed, latencies, failures = asyncio.run(_load(port, connections,
                                                          messages[WARM_UP:]))
+        load = writer_load(before, writer_status(admin_port), elapsed)
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -208,6 +242,8 @@ def run_case(label: str, command: list[str], env: dict[str, str], port: int, con
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
     print(f"{label:<44} {rate:8.0f} msg/s   ACK p50 {p50:6.1f} ms   p99 {p99:6.1f} ms"
           f"   not-AA {failures}")
+    if load:
+        print(f"{'':<44} {load}")
     return rate
 
 
@@ -255,7 +291,8 @@ def main() -> None:
                     env = dict(os.environ, LABRELAY_DATABASE_URL=url, PYTHONPATH=str(REPO))
                     if mode == "engine":
                         config = workdir / "bench-config.yaml"
-                        config.write_text(config_yaml(port, mapping))
+                        admin_port: int | None = free_port()
+                        config.write_text(config_yaml(port, mapping, admin_port))
                         command = [sys.executable, "-m", "engine", "--log-format", "json", "run",
                                    "--config", str(config)]
                         label = f"{db_label} engine (store+apply 25) x{connections}"
@@ -263,7 +300,8 @@ def main() -> None:
                         command = [sys.executable, str(REPO / "bench" / "bare_mllp_server.py"),
                                    str(port), url]
                         label = f"{db_label} bare MLLP store-only x{connections}"
-                    rates = run_case(label, command, env, port, connections, messages, workdir)
+                    rates = run_case(label, command, env, port, connections, messages, workdir,
+                                     admin_port if mode == "engine" else None)
                     if mode == "engine":
                         engine_rate = rates
                         print(f"{'':<44} {check_stored(url, len(messages))}")

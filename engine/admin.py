@@ -104,6 +104,12 @@ def _metrics(status: dict[str, Any]) -> str:
     writer = status["writer"]
     lines.append("# TYPE labrelay_writer_backlog gauge")
     lines.append(f"labrelay_writer_backlog {writer['backlog']}")
+    lines.append("# TYPE labrelay_writer_batches_total counter")
+    lines.append(f"labrelay_writer_batches_total {writer['batches']}")
+    lines.append("# TYPE labrelay_writer_units_total counter")
+    lines.append(f"labrelay_writer_units_total {writer['units']}")
+    lines.append("# TYPE labrelay_writer_busy_seconds_total counter")
+    lines.append(f"labrelay_writer_busy_seconds_total {writer['busy_seconds']}")
     lines.append("# TYPE labrelay_writer_storage_errors_total counter")
     lines.append(f"labrelay_writer_storage_errors_total {writer['storage_errors']}")
     return "\n".join(lines) + "\n"

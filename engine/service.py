@@ -464,6 +464,8 @@ class EngineService(MultiService):
                 "backlog": writer.backlog if writer else 0,
                 "batches": writer.stats.batches if writer else 0,
                 "units": writer.stats.units if writer else 0,
+                "largest_batch": writer.stats.largest_batch if writer else 0,
+                "busy_seconds": round(writer.stats.busy_seconds, 3) if writer else 0.0,
                 "storage_errors": writer.stats.storage_errors if writer else 0,
             },
         }

@@ -61,6 +61,7 @@ class WriterStats:
     storage_errors: int = 0
     last_error: str = ""
     largest_batch: int = 0
+    busy_seconds: float = 0.0  # time spent running batches (its share of wall time: load)
 
 
 class DatabaseWriter:
@@ -142,6 +143,13 @@ class DatabaseWriter:
                 return
 
     def _run_batch(self, batch: list[_Unit[Any]]) -> None:
+        started = time.perf_counter()
+        try:
+            self._run_batch_timed(batch)
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - started
+
+    def _run_batch_timed(self, batch: list[_Unit[Any]]) -> None:
         self.stats.batches += 1
         self.stats.units += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
