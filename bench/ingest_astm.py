@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.ingest_hl7 import (  # noqa: E402
-    ADMIN_TOKEN,
     TESTS,
     WARM_UP,
+    admin_yaml,
     check_stored,
     prepare_database,
     writer_load,
@@ -71,11 +71,9 @@ def config_yaml(mapping: Path, *, port: int | None = None, device: str | None = 
                 admin_port: int | None = None) -> str:
     transport = (f"listen: tcp:{port}:interface=127.0.0.1" if port is not None
                  else f"serial: {{device: {device}, baudrate: 9600}}")
-    admin = (f"admin: {{listen: 'tcp:{admin_port}:interface=127.0.0.1', token: {ADMIN_TOKEN}}}\n"
-             if admin_port else "")
     return f"""
 database: sqlite:///unused.db
-{admin}interfaces:
+{admin_yaml(admin_port)}interfaces:
   - name: bench-astm
     protocol: astm
     driver: astm-generic

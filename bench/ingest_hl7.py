@@ -69,12 +69,17 @@ def mapping_yaml() -> str:
     return "\n".join(lines) + "\n"
 
 
+def admin_yaml(admin_port: int | None) -> str:
+    """The config's admin block, so the bench can read the writer's load from /status."""
+    if not admin_port:
+        return ""
+    return f"admin: {{listen: 'tcp:{admin_port}:interface=127.0.0.1', token: {ADMIN_TOKEN}}}\n"
+
+
 def config_yaml(port: int, mapping: Path, admin_port: int | None = None) -> str:
-    admin = (f"admin: {{listen: 'tcp:{admin_port}:interface=127.0.0.1', token: {ADMIN_TOKEN}}}\n"
-             if admin_port else "")
     return f"""
 database: sqlite:///unused.db
-{admin}interfaces:
+{admin_yaml(admin_port)}interfaces:
   - name: bench-hl7
     protocol: hl7
     driver: hl7-generic
