@@ -58,8 +58,8 @@ _SPECIMENS = cast(Table, MessageSpecimen.__table__)
 
 # Anything stored earlier that this batch's messages may repeat (DESIGN rule 5); a match of
 # any kind sends the message the one-at-a-time way, which decides what the match means.
-# Built per batch as a UNION ALL of index lookups (ix_raw_messages_sha256 and
-# ix_raw_messages_dedupe): one query with OR made SQLite scan the whole table.
+# Index lookups joined by UNION ALL (ix_raw_messages_sha256, ix_raw_messages_dedupe): one
+# query with OR made SQLite scan the whole table.
 _COPY_COLUMNS = (_RAW.c.sha256, _RAW.c.interface, _RAW.c.sender, _RAW.c.control_id)
 _INBOUND_SINCE = (
     _RAW.c.direction == "in",
