@@ -3,7 +3,8 @@
 1. TCP: an instrument-side client sends H P O R*25 L messages (one ENQ...EOT session
    each, 240-character frames, waiting for every ACK) into `labrelay run` on SQLite;
    prints messages/s and per-message latency p50/p99, for one connection and for eight
-   instruments at once (each on its own connection, each waiting for its own ACKs).
+   and sixteen instruments at once (each on its own connection, each waiting for its own
+   ACKs).
 2. RS-232 at 9600 baud over a pty: the engine reads the pty through Twisted's SerialPort;
    the sender paces its bytes at the line rate (8N1: 960 bytes/s) and waits for each ACK,
    as a real line would. Prints achieved bytes/s (protocol bytes included, both ways) as
@@ -80,7 +81,7 @@ database: sqlite:///unused.db
     mapping: {mapping}
     transport:
       {transport}
-    limits: {{max_connections: 16}}
+    limits: {{max_connections: 64}}
 """
 
 
@@ -296,7 +297,7 @@ def main() -> None:
     mapping = workdir / "bench-astm.yaml"
     mapping.write_text(mapping_yaml())
     try:
-        for connections in (1, 8):
+        for connections in (1, 8, 16):
             bench_tcp(workdir, mapping, args.messages, connections)
         bench_serial(workdir, mapping, args.serial_messages)
     finally:
