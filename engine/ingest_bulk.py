@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-import structlog
 from sqlalchemy import Table, bindparam, insert, select, union_all
 from sqlalchemy.orm import Session
 
@@ -50,8 +49,6 @@ from engine.pipeline import (
 )
 from lis_bridge import results_bulk
 from lis_bridge.models import MessageSpecimen, MessageStatus, RawMessage
-
-log = structlog.get_logger(__name__)
 
 _RAW = cast(Table, RawMessage.__table__)
 _SPECIMENS = cast(Table, MessageSpecimen.__table__)
@@ -361,12 +358,21 @@ def _write(session: Session, fast: list[_Prepared], now: datetime,
                              for s in dict.fromkeys(p.message.specimen_ids) if s)
         by_interface.setdefault(p.item.rt.name, []).append(p.plan)
     conn.execute(_INSERT_SPECIMENS, specimen_rows)
+    moved: dict[str, dict[str, Any]] = {}
     for interface, plans in by_interface.items():
-        results_bulk.write_many(session, plans, interface=interface, now=now)
+        moved.update(results_bulk.write_many(session, plans, interface=interface, now=now))
+    # Logged by the pipeline on the reactor after the commit (IngestResult.logs), in the
+    # order the one-at-a-time path writes them: the sample's move, then the message.
     for p in fast:
         assert p.plan is not None
-        log.info("message.applied", interface=p.item.rt.name, message_id=ids[p.digest],
-                 result_count=len(p.plan.results), control_id=p.message.control_id)
+        written = results[p.index]
+        assert written is not None
+        move = moved.get(p.plan.facts.specimen_id)
+        if move is not None:
+            written.logs.append(("lis.sample.transition", move))
+        written.logs.append(("message.applied", {
+            "interface": p.item.rt.name, "message_id": ids[p.digest],
+            "result_count": len(p.plan.results), "control_id": p.message.control_id}))
 
 
 __all__ = ["BulkItem", "ingest_bulk", "ingest_one", "prepare_item"]

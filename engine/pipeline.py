@@ -93,6 +93,9 @@ class IngestResult:
     original_ack_code: str = ""
     outgoing: list[bytes] = field(default_factory=list)
     specimen_ids: tuple[str, ...] = ()
+    # INFO lines (event, fields) the pipeline writes on the reactor once the unit has
+    # committed: the bulk path's per-message lines, kept off the writer thread
+    logs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def _utcnow() -> datetime:
@@ -647,6 +650,8 @@ class Pipeline:
 
         def done(result: IngestResult) -> IngestResult:
             stats.last_latency_ms = (time.perf_counter() - started) * 1000
+            for event, fields in result.logs:
+                log.info(event, **fields)
             if result.outcome == "held":
                 stats.held += 1
             elif result.outcome == "rejected":

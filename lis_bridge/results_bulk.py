@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-import structlog
 from sqlalchemy import BigInteger, Table, any_, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
@@ -51,8 +50,6 @@ from lis_bridge.results import (
     result_row,
 )
 from lis_bridge.types import ResultInput
-
-log = structlog.get_logger(__name__)
 
 _SAMPLES = cast(Table, Sample.__table__)
 _TESTS = cast(Table, OrderedTest.__table__)
@@ -178,9 +175,11 @@ def plan(facts: SampleFacts | None, results: Sequence[ResultInput]) -> BulkPlan 
 
 
 def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
-               now: datetime) -> dict[str, str]:
+               now: datetime) -> dict[str, dict[str, Any]]:
     """Write ``plans`` (each sample once, each with its ``message_id``) in the caller's
-    transaction; the state each sample ends in, by specimen id."""
+    transaction. Returns, by specimen id, the fields of the ``lis.sample.transition`` log
+    line of each sample that moved (from and to state, the state it went through): the
+    caller logs them once committed, off the writer thread every message waits for."""
     if not plans:
         return {}
     when = _as_utc(now)
@@ -199,7 +198,7 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
     events: list[dict[str, Any]] = []
     moves: dict[str, list[int]] = {}
     jobs: list[tuple[str, str, dict[str, Any]]] = []
-    final_state: dict[str, str] = {}
+    moved: dict[str, dict[str, Any]] = {}
     for p in plans:
         facts = p.facts
         statuses = {code: status for code, (_, status) in facts.tests.items()}
@@ -230,12 +229,12 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
             before_state = to_state
         if path:
             # one line per sample, however many moves (each move has its audit row)
-            log.info("lis.sample.transition", sample_id=facts.specimen_id,
-                     from_state=facts.state, to_state=state, actor=actor,
-                     location=facts.location,
-                     **({"through": path[0][0]} if len(path) > 1 else {}))
+            moved[facts.specimen_id] = {
+                "sample_id": facts.specimen_id, "from_state": facts.state, "to_state": state,
+                "actor": actor, "location": facts.location,
+                **({"through": path[0][0]} if len(path) > 1 else {}),
+            }
             moves.setdefault(state, []).append(facts.id)
-        final_state[facts.specimen_id] = state
 
     postgres = conn.dialect.name == "postgresql"
     set_status = _SET_TEST_STATUS_PG if postgres else _SET_TEST_STATUS
@@ -248,7 +247,7 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
         conn.execute(_INSERT_EVENTS, events)
     if jobs:
         _enqueue_jobs(session, jobs)
-    return final_state
+    return moved
 
 
 def _copy_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:

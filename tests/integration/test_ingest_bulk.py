@@ -309,6 +309,16 @@ def test_a_plain_batch_takes_the_fast_lane_and_is_complete(sqlite_url: str) -> N
         results = ingest_bulk(session, items)
         session.commit()
     assert [r.status for r in results] == [MessageStatus.APPLIED] * 8
+    # what the pipeline logs for each on the reactor once committed: the sample's move,
+    # then the message, as the one-at-a-time path logs them
+    for i, result in enumerate(results):
+        assert [event for event, _ in result.logs] == ["lis.sample.transition",
+                                                        "message.applied"]
+        move, applied = result.logs[0][1], result.logs[1][1]
+        assert (move["sample_id"], move["from_state"], move["to_state"], move["through"]) == (
+            f"B-{i}", "RECEIVED_AT_LAB", "COMPLETED", "PROCESSING")
+        assert applied == {"interface": "t-hl7", "message_id": result.message_id,
+                           "result_count": 2, "control_id": f"m{i}"}
     # a dozen statements for eight messages, not a dozen per message
     assert len(statements) <= 14, statements
     with engine.connect() as conn:

@@ -155,6 +155,51 @@ class StorageDownTests(unittest.TestCase):
         return d
 
 
+class BulkLogTests(unittest.TestCase):
+    def test_a_bulk_applied_message_is_logged_once_committed(self) -> None:
+        """The fast lane's lines (the sample's move, message.applied) are written by the
+        pipeline after the commit, once each, with no patient data."""
+        import tempfile
+
+        from structlog.testing import capture_logs
+
+        from lis_bridge.lifecycle import transition
+        from lis_bridge.models import Sample
+
+        url = f"sqlite:///{tempfile.mkdtemp()}/lis.db"
+        engine = make_engine(url)
+        upgrade(engine)
+        sessions = session_factory(engine)
+        with sessions() as session:
+            assert import_orders_csv(session, ORDERS, actor="t").ok
+            session.commit()
+            sample = session.scalars(select(Sample).where(Sample.specimen_id == "P-2")).one()
+            transition(session, sample, "RECEIVED_AT_LAB", actor="t", location="Lab")
+            session.commit()
+        writer = DatabaseWriter(session_factory(make_engine(url, writer=True)), reactor)
+        writer.start()
+        self.addCleanup(writer.stop)
+        rt = runtime()
+        handler = HL7Handler(Pipeline(writer, {rt.name: rt}))
+        captured = capture_logs()
+        logs = captured.__enter__()
+        d = handler.message_received(oru("bulk-1", "P-2"), "127.0.0.1:5", rt.name)
+
+        def check(ack: bytes) -> None:
+            captured.__exit__(None, None, None)
+            assert b"MSA|AA|bulk-1" in ack
+            applied = [e for e in logs if e["event"] == "message.applied"]
+            moved = [e for e in logs if e["event"] == "lis.sample.transition"
+                     and e.get("actor") == f"interface:{rt.name}"]
+            assert len(applied) == 1 and applied[0]["control_id"] == "bulk-1"
+            assert len(moved) == 1 and moved[0]["to_state"] == "COMPLETED"
+            text = repr(logs)
+            assert "C D" not in text and "PX-2" not in text  # name, patient id
+
+        d.addCallback(check)
+        return d
+
+
 def test_control_id_reuse_with_other_content_is_not_a_duplicate(sessions) -> None:  # type: ignore[no-untyped-def]
     """PROTOCOLS 90: a resend (same MSH-10, only MSH-7 restamped) is a duplicate; an analyzer
     that restarts its counter sends the same MSH-10 with new results, which must not be
