@@ -208,6 +208,12 @@ class Record:
 
     def value(self, number: int, component: int = 1, repeat: int = 0) -> str:
         """One component (1-based) of one repeat of a field, unescaped; '' when absent."""
+        raw = self.fields[number - 1] if 0 < number <= len(self.fields) else ""
+        delims = self.delimiters
+        if (repeat == 0 and delims.repeat not in raw and delims.component not in raw
+                and delims.escape not in raw and not (number == 2 and self.type == "H")):
+            # a plain field (most are): it is its own first component, there is no other
+            return raw if component == 1 else ""
         comps = self.components(number, repeat)
         return comps[component - 1] if 0 < component <= len(comps) else ""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.astm.files import read_astm_file, wire_frames
@@ -16,7 +16,9 @@ from drivers.astm.generic import (
     parse_astm_datetime,
 )
 from drivers.astm.records import (
+    DEFAULT_DELIMITERS,
     Delimiters,
+    Record,
     encode_header,
     encode_message,
     encode_record,
@@ -293,3 +295,17 @@ def test_a_qc_order_does_not_hide_the_patient_results_beside_it() -> None:
     assert message.kind == "results"
     assert [(s.specimen_id, s.is_qc) for s in message.specimens] == [
         ("S100", False), ("QCLOT1", True)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.lists(st.text(alphabet="ab|\\^&X0", max_size=8), min_size=1, max_size=6),
+       rtype=st.sampled_from(["H", "R", "O"]), number=st.integers(0, 8),
+       component=st.integers(0, 4), repeat=st.integers(0, 2))
+def test_value_of_a_plain_field_is_the_field_itself(fields: list[str], rtype: str, number: int,
+                                                    component: int, repeat: int) -> None:
+    """Record.value takes a shortcut for fields with no delimiter or escape in them; it must
+    give what splitting into repeats and components gives (PROTOCOLS 47-51)."""
+    rec = Record(raw="", fields=(rtype, *fields), delimiters=DEFAULT_DELIMITERS)
+    comps = rec.components(number, repeat)
+    expected = comps[component - 1] if 0 < component <= len(comps) else ""
+    assert rec.value(number, component, repeat) == expected
