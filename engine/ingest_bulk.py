@@ -175,7 +175,6 @@ class _Prepared:
     specimen: SpecimenResults | None = None  # set when the message may take the fast lane
     keys: frozenset[Hashable] = frozenset()
     plan: results_bulk.BulkPlan | None = None
-    ack_code: str = ""
 
     @property
     def message(self) -> AnalyzerMessage:
@@ -333,15 +332,14 @@ def _write(session: Session, fast: list[_Prepared], now: datetime,
                                control_id=message.control_id,
                                specimen_ids=message.specimen_ids)
         results[p.index] = outcome
-        if rt.config.protocol == "hl7":
-            p.ack_code = hl7_ack_code(rt, p.item.raw, outcome)
+        ack_code = hl7_ack_code(rt, p.item.raw, outcome) if rt.config.protocol == "hl7" else ""
         rows.append({
             "interface": rt.name, "direction": "in", "protocol": rt.config.protocol,
             "peer": p.item.peer[:100], "sender": message.sender[:200],
             "control_id": message.control_id[:100], "message_type": message.message_type[:40],
             "payload": p.item.raw, "sha256": p.digest, "size": len(p.item.raw),
             "received_at": now, "status": MessageStatus.APPLIED, "hold_reason": "",
-            "hold_detail": "", "duplicate_of_fk": None, "ack_code": p.ack_code,
+            "hold_detail": "", "duplicate_of_fk": None, "ack_code": ack_code,
             "applied_at": now, "attempts": 1,
         })
     conn = session.connection()
