@@ -47,7 +47,7 @@ from engine.pipeline import (
     hl7_ack_code,
     ingest,
 )
-from lis_bridge import results_bulk
+from lis_bridge import bulk_pg, results_bulk
 from lis_bridge.models import MessageSpecimen, MessageStatus, RawMessage
 
 _RAW = cast(Table, RawMessage.__table__)
@@ -241,9 +241,18 @@ def _run_stretch(session: Session, stretch: list[_Prepared],
                  results: list[IngestResult | None], now: datetime) -> None:
     if not stretch:
         return
-    fast = _without_earlier_copies(session, stretch, now)
-    fast = _without_waiting_specimens(session, fast)
-    fast = _planned(session, fast, now)
+    conn = session.connection()
+    if conn.dialect.driver == "psycopg2":
+        pg_fast = _run_stretch_pg(conn, session, stretch, results, now)
+        if pg_fast is None:
+            return
+        fast = pg_fast
+    else:
+        fast = _without_earlier_copies(stretch, _earlier_copies(
+            session, [p.digest for p in stretch], _senders(stretch), now - DUPLICATE_WINDOW))
+        fast = _without_waiting_specimens(session, fast)
+        fast = _planned(session, fast, now, results_bulk.load_samples(
+            session, [cast(SpecimenResults, p.specimen).specimen_id for p in fast]))
     fast_ids = {id(p) for p in fast}
     # In arrival order: the fast ones together, each other one alone where it arrived. The
     # checks above stay true meanwhile: no two messages of a stretch share a specimen, a
@@ -261,18 +270,58 @@ def _run_stretch(session: Session, stretch: list[_Prepared],
         _write(session, segment, now, results)
 
 
-def _without_earlier_copies(session: Session, stretch: list[_Prepared],
-                            now: datetime) -> list[_Prepared]:
+def _run_stretch_pg(conn: Any, session: Session, stretch: list[_Prepared],
+                    results: list[IngestResult | None], now: datetime) -> list[_Prepared] | None:
+    """The stretch on PostgreSQL: every check in one round trip (:mod:`lis_bridge.bulk_pg`)
+    and, when every message takes the fast lane (the usual case), every write in one more
+    plus the COPY of the results; then None. Otherwise nothing is written and the
+    messages that may take the fast lane are returned, for the caller to write the
+    stretch in arrival order."""
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        facts = bulk_pg.read_stretch(
+            cursor, conn.connection.info, digests=[p.digest for p in stretch],
+            senders=_senders(stretch), since=now - DUPLICATE_WINDOW,
+            waiting=[s[:64] for p in stretch for s in p.message.specimen_ids if s],
+            samples=[cast(SpecimenResults, p.specimen).specimen_id for p in stretch],
+            new_ids=len(stretch))
+        fast = _without_earlier_copies(stretch, facts.copies)
+        fast = [p for p in fast
+                if not any(s[:64] in facts.waiting for s in p.message.specimen_ids)]
+        fast = _planned(session, fast, now, facts.samples)
+        if len(fast) < len(stretch):
+            # The ids drawn stay unused (a sequence may have gaps), so that the raw
+            # messages' ids keep their arrival order: each one-at-a-time message between
+            # the fast ones takes its id as it is written.
+            return fast
+        ids = facts.new_ids[:len(fast)]
+        raw_rows = _rows(fast, now, results, ids)
+        specimen_rows, by_interface = _link(
+            fast, results, {p.digest: ident for p, ident in zip(fast, ids, strict=True)})
+        writes = results_bulk.plan_writes_many(by_interface, now=now)
+        bulk_pg.write_stretch(cursor, raw_rows, specimen_rows, writes)
+    finally:
+        cursor.close()
+    _log_lines(fast, results, writes.moved)
+    return None
+
+
+def _senders(stretch: list[_Prepared]) -> dict[tuple[str, str], list[str]]:
+    """HL7 control ids of the stretch, by (interface, sender)."""
     senders: dict[tuple[str, str], list[str]] = {}
     for p in stretch:
         if p.item.rt.config.protocol == "hl7" and p.message.control_id:
             senders.setdefault((p.item.rt.name, p.message.sender[:200]), []).append(
                 p.message.control_id[:100])
+    return senders
+
+
+def _without_earlier_copies(stretch: list[_Prepared], copies: Any) -> list[_Prepared]:
+    """``stretch`` without the messages that repeat one of ``copies``: rows (sha256,
+    interface, sender, control id) of earlier inbound messages."""
     digests: set[str] = set()
     known: set[tuple[str, str, str]] = set()
-    rows = _earlier_copies(session, [p.digest for p in stretch], senders,
-                           now - DUPLICATE_WINDOW)
-    for digest, interface, sender, control_id in rows:
+    for digest, interface, sender, control_id in copies:
         digests.add(digest)
         known.add((interface, sender, control_id))
     if not digests:
@@ -295,12 +344,10 @@ def _without_waiting_specimens(session: Session, stretch: list[_Prepared]) -> li
     return [p for p in stretch if not any(s[:64] in waiting for s in p.message.specimen_ids)]
 
 
-def _planned(session: Session, stretch: list[_Prepared], now: datetime) -> list[_Prepared]:
-    if not stretch:
-        return stretch
-    assert all(p.specimen is not None for p in stretch)
-    facts = results_bulk.load_samples(
-        session, [cast(SpecimenResults, p.specimen).specimen_id for p in stretch])
+def _planned(session: Session, stretch: list[_Prepared], now: datetime,
+             facts: dict[str, results_bulk.SampleFacts]) -> list[_Prepared]:
+    """The messages of ``stretch`` whose results :func:`results_bulk.plan` writes plainly
+    (``facts``: the samples, by specimen id), each with its ``plan`` set."""
     fast: list[_Prepared] = []
     for p in stretch:
         specimen = cast(SpecimenResults, p.specimen)
@@ -323,17 +370,19 @@ def _planned(session: Session, stretch: list[_Prepared], now: datetime) -> list[
     return fast
 
 
-def _write(session: Session, fast: list[_Prepared], now: datetime,
-           results: list[IngestResult | None]) -> None:
+def _rows(fast: list[_Prepared], now: datetime, results: list[IngestResult | None],
+          ids: list[int] | None = None) -> list[dict[str, Any]]:
+    """The raw message rows of ``fast`` (with ``ids``, in order, when given); the outcome
+    of each message goes into ``results``."""
     rows = []
-    for p in fast:
+    for n, p in enumerate(fast):
         message, rt = p.message, p.item.rt
         outcome = IngestResult(0, MessageStatus.APPLIED, "accepted", kind=message.kind,
                                control_id=message.control_id,
                                specimen_ids=message.specimen_ids)
         results[p.index] = outcome
         ack_code = hl7_ack_code(rt, p.item.raw, outcome) if rt.config.protocol == "hl7" else ""
-        rows.append({
+        row = {
             "interface": rt.name, "direction": "in", "protocol": rt.config.protocol,
             "peer": p.item.peer[:100], "sender": message.sender[:200],
             "control_id": message.control_id[:100], "message_type": message.message_type[:40],
@@ -341,9 +390,15 @@ def _write(session: Session, fast: list[_Prepared], now: datetime,
             "received_at": now, "status": MessageStatus.APPLIED, "hold_reason": "",
             "hold_detail": "", "duplicate_of_fk": None, "ack_code": ack_code,
             "applied_at": now, "attempts": 1,
-        })
-    conn = session.connection()
-    ids = {digest: ident for ident, digest in conn.execute(_INSERT_RAW, rows)}
+        }
+        rows.append({"id": ids[n], **row} if ids is not None else row)
+    return rows
+
+
+def _link(fast: list[_Prepared], results: list[IngestResult | None], ids: dict[str, int],
+          ) -> tuple[list[dict[str, Any]], dict[str, list[results_bulk.BulkPlan]]]:
+    """Each message's raw id (``ids`` by content hash) into its outcome and plan; its
+    specimen rows, and the plans by interface."""
     specimen_rows: list[dict[str, Any]] = []
     by_interface: dict[str, list[results_bulk.BulkPlan]] = {}
     for p in fast:
@@ -355,12 +410,13 @@ def _write(session: Session, fast: list[_Prepared], now: datetime,
         specimen_rows.extend({"message_fk": message_id, "specimen_id": s[:64]}
                              for s in dict.fromkeys(p.message.specimen_ids) if s)
         by_interface.setdefault(p.item.rt.name, []).append(p.plan)
-    conn.execute(_INSERT_SPECIMENS, specimen_rows)
-    moved: dict[str, dict[str, Any]] = {}
-    for interface, plans in by_interface.items():
-        moved.update(results_bulk.write_many(session, plans, interface=interface, now=now))
-    # Logged by the pipeline on the reactor after the commit (IngestResult.logs), in the
-    # order the one-at-a-time path writes them: the sample's move, then the message.
+    return specimen_rows, by_interface
+
+
+def _log_lines(fast: list[_Prepared], results: list[IngestResult | None],
+               moved: dict[str, dict[str, Any]]) -> None:
+    """Logged by the pipeline on the reactor after the commit (IngestResult.logs), in the
+    order the one-at-a-time path writes them: the sample's move, then the message."""
     for p in fast:
         assert p.plan is not None
         written = results[p.index]
@@ -369,8 +425,21 @@ def _write(session: Session, fast: list[_Prepared], now: datetime,
         if move is not None:
             written.logs.append(("lis.sample.transition", move))
         written.logs.append(("message.applied", {
-            "interface": p.item.rt.name, "message_id": ids[p.digest],
+            "interface": p.item.rt.name, "message_id": written.message_id,
             "result_count": len(p.plan.results), "control_id": p.message.control_id}))
+
+
+def _write(session: Session, fast: list[_Prepared], now: datetime,
+           results: list[IngestResult | None]) -> None:
+    rows = _rows(fast, now, results)
+    conn = session.connection()
+    ids = {digest: ident for ident, digest in conn.execute(_INSERT_RAW, rows)}
+    specimen_rows, by_interface = _link(fast, results, ids)
+    conn.execute(_INSERT_SPECIMENS, specimen_rows)
+    moved: dict[str, dict[str, Any]] = {}
+    for interface, plans in by_interface.items():
+        moved.update(results_bulk.write_many(session, plans, interface=interface, now=now))
+    _log_lines(fast, results, moved)
 
 
 __all__ = ["BulkItem", "ingest_bulk", "ingest_one", "prepare_item"]

@@ -137,20 +137,29 @@ def load_samples(session: Session, specimen_ids: Sequence[str]) -> dict[str, Sam
     if not rows:
         return {}
     ids = [row[0] for row in rows]
-    tests: dict[int, dict[str, tuple[int, str]]] = {i: {} for i in ids}
     # .all(): one fetch for the batch's ~200 rows, not a fetch per row
-    for sample_fk, code, ident, status in conn.execute(_TESTS_OF_SAMPLES,
-                                                       {"sample_ids": ids}).all():
+    test_rows = conn.execute(_TESTS_OF_SAMPLES, {"sample_ids": ids}).all()
+    code_rows = conn.execute(_RESULT_CODES_OF_SAMPLES, {"sample_ids": ids}).all()
+    return sample_facts(rows, test_rows, code_rows)
+
+
+def sample_facts(sample_rows: Sequence[Any], test_rows: Sequence[Any],
+                 code_rows: Sequence[Any]) -> dict[str, SampleFacts]:
+    """:class:`SampleFacts` by specimen id, from rows ``(id, specimen_id, state, location,
+    sex, birth_date)``, ``(sample_fk, test_code, ordered_tests.id, status)`` and
+    ``(sample_fk, test_code)`` of every result row."""
+    tests: dict[int, dict[str, tuple[int, str]]] = {row[0]: {} for row in sample_rows}
+    for sample_fk, code, ident, status in test_rows:
         tests[sample_fk][code] = (ident, status)
-    codes: dict[int, set[str]] = {i: set() for i in ids}
-    counts = dict.fromkeys(ids, 0)
-    for sample_fk, code in conn.execute(_RESULT_CODES_OF_SAMPLES, {"sample_ids": ids}).all():
+    codes: dict[int, set[str]] = {row[0]: set() for row in sample_rows}
+    counts = dict.fromkeys(codes, 0)
+    for sample_fk, code in code_rows:
         codes[sample_fk].add(code)
         counts[sample_fk] += 1
     return {
         specimen: SampleFacts(ident, specimen, state, location or "", sex or "U", birth,
                               tests[ident], frozenset(codes[ident]), counts[ident])
-        for ident, specimen, state, location, sex, birth in rows
+        for ident, specimen, state, location, sex, birth in sample_rows
     }
 
 
@@ -174,25 +183,30 @@ def plan(facts: SampleFacts | None, results: Sequence[ResultInput]) -> BulkPlan 
     return BulkPlan(facts, results)
 
 
-def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
-               now: datetime) -> dict[str, dict[str, Any]]:
-    """Write ``plans`` (each sample once, each with its ``message_id``) in the caller's
-    transaction. Returns, by specimen id, the fields of the ``lis.sample.transition`` log
-    line of each sample that moved (from and to state, the state it went through): the
-    caller logs them once committed, off the writer thread every message waits for."""
-    if not plans:
-        return {}
+@dataclass(slots=True)
+class BulkWrites:
+    """What :func:`write_many` writes for a set of plans, worked out before any statement:
+    so a caller may send the statements its own way (one round trip on PostgreSQL,
+    :mod:`lis_bridge.bulk_pg`)."""
+
+    results: list[dict[str, Any]]  # result rows, in plan order
+    test_ids: dict[str, list[int]]  # new ordered-test status -> ordered_tests ids
+    moves: dict[str, list[int]]  # new sample state -> sample ids
+    events: list[dict[str, Any]]  # sample_events rows
+    jobs: list[tuple[str, str, dict[str, Any]]]  # outbox jobs (kind, dedupe key, payload)
+    moved: dict[str, dict[str, Any]]  # specimen id -> fields of its transition log line
+    when: datetime
+
+
+def plan_writes(plans: Sequence[BulkPlan], *, interface: str, now: datetime) -> BulkWrites:
+    """The rows and updates that write ``plans`` (each sample once, each with its
+    ``message_id``): result rows, the ordered tests' statuses, the sample moves with
+    their audit rows, and the render jobs of completed samples."""
     when = _as_utc(now)
     actor = interface_actor(interface)
-    conn = session.connection()
     # plan() let no critical value through: is_critical is False in every row
     rows = [result_row(p.facts.id, item, interface, p.message_id, when)
             for p in plans for item in p.results]
-    if conn.dialect.driver == "psycopg2":
-        _copy_rows(conn, _RESULTS, rows)
-    else:
-        conn.execute(_INSERT_RESULTS, rows)
-
     # Ordered tests take the status of their result; one UPDATE per status.
     test_ids: dict[str, list[int]] = {}
     events: list[dict[str, Any]] = []
@@ -235,23 +249,66 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
                 **({"through": path[0][0]} if len(path) > 1 else {}),
             }
             moves.setdefault(state, []).append(facts.id)
+    return BulkWrites(rows, test_ids, moves, events, jobs, moved, when)
 
+
+def plan_writes_many(by_interface: dict[str, list[BulkPlan]], *,
+                     now: datetime) -> BulkWrites:
+    """:func:`plan_writes` for each interface's plans, as one set of writes: the rows in
+    the order :func:`write_many` called once per interface would write them."""
+    merged: BulkWrites | None = None
+    for interface, plans in by_interface.items():
+        writes = plan_writes(plans, interface=interface, now=now)
+        if merged is None:
+            merged = writes
+            continue
+        merged.results += writes.results
+        for status, ids in writes.test_ids.items():
+            merged.test_ids.setdefault(status, []).extend(ids)
+        for state, ids in writes.moves.items():
+            merged.moves.setdefault(state, []).extend(ids)
+        merged.events += writes.events
+        merged.jobs += writes.jobs
+        merged.moved.update(writes.moved)
+    assert merged is not None, "no plans"
+    return merged
+
+
+def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
+               now: datetime) -> dict[str, dict[str, Any]]:
+    """Write ``plans`` (each sample once, each with its ``message_id``) in the caller's
+    transaction. Returns, by specimen id, the fields of the ``lis.sample.transition`` log
+    line of each sample that moved (from and to state, the state it went through): the
+    caller logs them once committed, off the writer thread every message waits for."""
+    if not plans:
+        return {}
+    writes = plan_writes(plans, interface=interface, now=now)
+    conn = session.connection()
+    if conn.dialect.driver == "psycopg2":
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            copy_rows(cursor, _RESULTS, writes.results)
+        finally:
+            cursor.close()
+    else:
+        conn.execute(_INSERT_RESULTS, writes.results)
     postgres = conn.dialect.name == "postgresql"
     set_status = _SET_TEST_STATUS_PG if postgres else _SET_TEST_STATUS
     move = _MOVE_SAMPLES_PG if postgres else _MOVE_SAMPLES
-    for test_status, test_group in test_ids.items():
+    for test_status, test_group in writes.test_ids.items():
         conn.execute(set_status, {"ids": test_group, "status": test_status})
-    for to_state, sample_group in moves.items():
-        conn.execute(move, {"ids": sample_group, "to_state": to_state, "at": when})
-    if events:
-        conn.execute(_INSERT_EVENTS, events)
-    if jobs:
-        _enqueue_jobs(session, jobs)
-    return moved
+    for to_state, sample_group in writes.moves.items():
+        conn.execute(move, {"ids": sample_group, "to_state": to_state, "at": writes.when})
+    if writes.events:
+        conn.execute(_INSERT_EVENTS, writes.events)
+    if writes.jobs:
+        _enqueue_jobs(session, writes.jobs)
+    return writes.moved
 
 
-def _copy_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
-    r"""``rows`` into ``table`` with PostgreSQL's COPY, in the connection's transaction.
+def copy_rows(cursor: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+    r"""``rows`` into ``table`` with PostgreSQL's COPY, in the transaction of ``cursor``
+    (a psycopg2 cursor).
 
     For the result rows of a batch: an INSERT's parameters cost psycopg2 ~12 µs a row to
     quote and PostgreSQL a plan per statement; COPY's text format costs a third of that
@@ -263,11 +320,7 @@ def _copy_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
         "\t".join(_copy_text(row[name]) for name in names) for row in rows
     ]
     buffer = io.StringIO("\n".join(lines) + "\n")
-    cursor = conn.connection.dbapi_connection.cursor()
-    try:
-        cursor.copy_expert(f"COPY {table.name} ({', '.join(names)}) FROM STDIN", buffer)
-    finally:
-        cursor.close()
+    cursor.copy_expert(f"COPY {table.name} ({', '.join(names)}) FROM STDIN", buffer)
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -287,4 +340,5 @@ def _copy_text(value: Any) -> str:
     return str(value)  # int, Decimal
 
 
-__all__ = ["BulkPlan", "SampleFacts", "load_samples", "plan", "write_many"]
+__all__ = ["BulkPlan", "BulkWrites", "SampleFacts", "copy_rows", "load_samples", "plan",
+           "plan_writes", "plan_writes_many", "sample_facts", "write_many"]

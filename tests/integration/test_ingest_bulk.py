@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from drivers.registry import create_driver
@@ -326,6 +327,160 @@ def postgres_copies(postgres_template: str) -> Iterator[PostgresCopies]:
 def test_bulk_equals_one_at_a_time_on_postgresql(postgres_copies: PostgresCopies,
                                                  messages: list[bytes]) -> None:
     both_ways(postgres_copies, messages)
+
+
+# Batches where most or all messages take the fast lane: first final results for distinct
+# received samples, now and then one exception (an unknown or not-received sample, a
+# critical value, a repeated specimen), so that PostgreSQL's single-round-trip write
+# (every message fast, lis_bridge.bulk_pg) and its fallback (some not) both run often.
+PLAIN_OBSERVATION = st.sampled_from([("GLU", "5.4", "F"), ("NA", "140", "F"), ("K", "4.1", "F"),
+                                     ("ALT", "38", "F"), ("NA", "139", "P")])
+
+
+@st.composite
+def mostly_plain_batches(draw: st.DrawFn) -> list[bytes]:
+    specimens = draw(st.permutations(RECEIVED))
+    count = draw(st.integers(1, len(specimens)))
+    messages = []
+    for n, specimen in enumerate(specimens[:count]):
+        observations = draw(st.lists(PLAIN_OBSERVATION, min_size=1, max_size=4,
+                                     unique_by=lambda o: o[0]))
+        if draw(st.integers(0, 7)) == 0:  # an exception, now and then
+            specimen = draw(st.sampled_from(["P-3", "P-4", specimens[0]]))
+            observations = draw(st.sampled_from([observations, [("K", "1.0", "F")]]))
+        messages.append(oru(f"plain{n}", specimen, observations))
+    return messages
+
+
+@pytest.mark.postgres
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=mostly_plain_batches())
+def test_mostly_plain_batches_equal_one_at_a_time_on_postgresql(
+        postgres_copies: PostgresCopies, messages: list[bytes]) -> None:
+    both_ways(postgres_copies, messages)
+
+
+@pytest.mark.postgres
+def test_a_plain_batch_on_postgresql_takes_four_round_trips(
+        postgres_copies: PostgresCopies) -> None:
+    """Eight plain messages on PostgreSQL: BEGIN, one round trip that locks and reads
+    everything the checks need, one that writes every row but the results, the results'
+    COPY, then COMMIT; counted on a real psycopg2 connection. The raw messages' ids keep
+    their arrival order."""
+    import psycopg2.extensions
+
+    sent: list[str] = []
+
+    class Counting(psycopg2.extensions.cursor):  # type: ignore[misc]
+        def execute(self, query: Any, vars: Any = None) -> Any:
+            sent.append("execute")
+            return super().execute(query, vars)
+
+        def executemany(self, query: Any, vars_list: Any) -> Any:
+            sent.append("executemany")
+            return super().executemany(query, vars_list)
+
+        def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> Any:
+            sent.append("copy")
+            return super().copy_expert(sql, file, size)
+
+    class CountingConnection(psycopg2.extensions.connection):  # type: ignore[misc]
+        def cursor(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("cursor_factory", Counting)
+            return super().cursor(*args, **kwargs)
+
+    with postgres_copies() as (_, url):
+        engine = make_engine(url, writer=True, pool_pre_ping=False,
+                             connect_args={"connection_factory": CountingConnection})
+        rt = runtime()
+        observations = [("GLU", "5.4", "F"), ("ALT", "38", "F")]  # ordered for every one
+        items = [prepare_item(rt, oru(f"m{n}", specimen, observations), "127.0.0.1:1", True)
+                 for n, specimen in enumerate(RECEIVED)]
+        try:
+            with session_factory(engine)() as session:
+                session.connection()  # BEGIN is psycopg2's own, sent with the first statement
+                sent.clear()
+                results = ingest_bulk(session, items)
+                session.commit()
+            assert [r.status for r in results] == [MessageStatus.APPLIED] * len(RECEIVED)
+            assert sent == ["execute", "execute", "copy"], sent
+            ids = [r.message_id for r in results]
+            assert ids == sorted(ids)
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT count(*) FROM results")) == 2 * len(RECEIVED)
+                assert list(conn.execute(text(
+                    "SELECT id FROM raw_messages ORDER BY id")).scalars()) == ids
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_postgresql_read_looks_up_indexes_in_its_generic_plan(
+        postgres_copies: PostgresCopies) -> None:
+    """DESIGN rule 5 at any table size, on PostgreSQL: the prepared read of the fast lane
+    (lis_bridge.bulk_pg) finds earlier copies, waiting messages, samples, ordered tests
+    and results by index, also in the generic plan PostgreSQL switches to after a few
+    executions; checked on tables of a few thousand rows, analysed."""
+    from datetime import UTC, datetime
+
+    import psycopg2
+
+    from lis_bridge import bulk_pg
+
+    with postgres_copies() as (_, url):
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO samples (specimen_id, state, location, state_changed_at, created_at) "
+                "SELECT 'F-' || n, 'RECEIVED_AT_LAB', '', now(), now() "
+                "FROM generate_series(1, 3000) n"))
+            conn.execute(text(
+                "INSERT INTO ordered_tests (sample_fk, test_code, status, ordered_at) "
+                "SELECT s.id, 'T' || k, 'ORDERED', now() FROM samples s, generate_series(1, 5) k"))
+            conn.execute(text(
+                "INSERT INTO raw_messages (interface, direction, protocol, peer, sender, "
+                "control_id, message_type, payload, sha256, size, received_at, status, "
+                "hold_reason, hold_detail, ack_code, attempts) SELECT 't-hl7', 'in', 'hl7', '', "
+                "'AN|LAB', 'f' || n, 'ORU^R01', '\\x00', md5(n::text) || md5(n::text), 1, now(), "
+                "'APPLIED', '', '', 'AA', 1 FROM generate_series(1, 3000) n"))
+            conn.execute(text(
+                "INSERT INTO message_specimens (message_fk, specimen_id) "
+                "SELECT r.id, 'F-' || r.id FROM raw_messages r"))
+            conn.execute(text(
+                "INSERT INTO results (sample_fk, test_code, analyzer_code, value_text, "
+                "comparator, units, reference_range, flag, is_critical, status, equipment, "
+                "comments, interface, is_current, created_at) SELECT t.sample_fk, t.test_code, "
+                "t.test_code, '1', '', '', '', '', false, 'F', '', '', 't-hl7', true, now() "
+                "FROM ordered_tests t"))
+            for table in ("samples", "ordered_tests", "raw_messages", "results",
+                          "message_specimens", "patients"):
+                conn.execute(text(f"ANALYZE {table}"))
+        engine.dispose()
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        connection = psycopg2.connect(dsn)
+        try:
+            cursor = connection.cursor()
+            arguments: dict[str, Any] = {
+                "digests": ["a" * 64], "senders": {("t-hl7", "AN|LAB"): ["c1", "c2"]},
+                "since": datetime(2026, 1, 1, tzinfo=UTC), "waiting": ["P-1", "F-9"],
+                "samples": ["P-1", "F-9"], "new_ids": 2}
+            facts = bulk_pg.read_stretch(cursor, {}, **arguments)
+            assert set(facts.samples) == {"P-1", "F-9"} and len(facts.new_ids) == 2
+            cursor.execute("SET plan_cache_mode = force_generic_plan")
+            cursor.execute("EXPLAIN " + bulk_pg._EXECUTE.split(";\n")[1], {
+                **arguments, "interfaces": ["t-hl7"] * 2, "senders": ["AN|LAB"] * 2,
+                "control_ids": ["c1", "c2"]})
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        finally:
+            connection.rollback()
+            connection.close()
+    # (patients, nine rows here, may be scanned: its primary key serves once it grows)
+    for table in ("raw_messages", "message_specimens", "samples", "ordered_tests", "results"):
+        assert f"Seq Scan on {table}" not in plan, plan
+    for index in ("ix_raw_messages_sha256", "ix_raw_messages_dedupe",
+                  "ix_message_specimens_specimen", "uq_samples_specimen_id",
+                  "ix_ordered_tests_sample_fk", "ix_results_sample_test"):
+        assert index in plan, (index, plan)
 
 
 def test_a_plain_batch_takes_the_fast_lane_and_is_complete(sqlite_url: str) -> None:
