@@ -31,6 +31,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from engine.adapters._peers import host_allowed, parse_allowlist, peer_text
+from engine.adapters._write import write_now
 from engine.errors import LocalProtocolError
 from engine.protocols.astm_link import (
     ASTMLink,
@@ -161,7 +162,7 @@ class ASTMProtocol(Protocol):
             return
         out = self.link.data_to_send()
         if out:
-            self._t.write(out)
+            write_now(self.transport, out)
         while True:
             event = self.link.next_event()
             if event is None:
@@ -169,7 +170,7 @@ class ASTMProtocol(Protocol):
             self._on_event(event)
         out = self.link.data_to_send()
         if out:
-            self._t.write(out)
+            write_now(self.transport, out)
         self._arm_timer()
 
     def _on_event(self, event: object) -> None:

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from drivers.hl7.ack import is_ack
 from drivers.hl7.parser import HL7ParseError, parse_message
 from engine.adapters._peers import host_allowed, parse_allowlist, peer_text
+from engine.adapters._write import write_now
 from engine.errors import LocalProtocolError, RemoteProtocolError
 from engine.protocols.mllp import (
     COMMIT_ACK,
@@ -146,7 +147,7 @@ class MLLPServerProtocol(Protocol):
                     reason=str(exc),
                 )
                 if self.factory.mllp_release == 2:
-                    self._t.write(COMMIT_NAK)
+                    write_now(self.transport, COMMIT_NAK)
                 self._drop()
                 return
             except AbandonedBlock as exc:
@@ -204,7 +205,7 @@ class MLLPServerProtocol(Protocol):
             self.log.warning("mllp.ack.undeliverable", reason="connection closed before reply")
             return
         if self.factory.mllp_release == 2:
-            self._t.write(COMMIT_ACK)
+            write_now(self.transport, COMMIT_ACK)
         replies: Sequence[bytes]
         if reply is None:
             replies = ()
@@ -229,7 +230,7 @@ class MLLPServerProtocol(Protocol):
         if self._closed:
             return
         if self.factory.mllp_release == 2:
-            self._t.write(COMMIT_NAK)
+            write_now(self.transport, COMMIT_NAK)
         self._done()
 
     def _send_ack(self, ack: bytes) -> None:
@@ -238,7 +239,7 @@ class MLLPServerProtocol(Protocol):
         except LocalProtocolError as exc:  # a pipeline bug must not kill the connection
             self.log.error("mllp.ack.unframeable", reason=str(exc))
             return
-        self._t.write(framed)
+        write_now(self.transport, framed)
         self.log.info("mllp.ack.sent", **_ack_context(ack))
 
     def _done(self) -> None:
