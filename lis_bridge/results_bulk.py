@@ -291,7 +291,7 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
         finally:
             cursor.close()
     else:
-        conn.execute(_INSERT_RESULTS, writes.results)
+        _insert_rows(conn, _RESULTS, writes.results)
     postgres = conn.dialect.name == "postgresql"
     set_status = _SET_TEST_STATUS_PG if postgres else _SET_TEST_STATUS
     move = _MOVE_SAMPLES_PG if postgres else _MOVE_SAMPLES
@@ -304,6 +304,33 @@ def write_many(session: Session, plans: Sequence[BulkPlan], *, interface: str,
     if writes.jobs:
         _enqueue_jobs(session, writes.jobs)
     return writes.moved
+
+
+def _insert_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
+    """``rows`` (same keys each) into ``table`` with one driver-level executemany, each
+    value converted by its column type's own bind processor: what SQLAlchemy stores,
+    without its per-row parameter machinery (on SQLite a third of the writer's time)."""
+    names = list(rows[0])
+    processors = [table.c[name].type._cached_bind_processor(conn.dialect) for name in names]
+    datetimes: dict[Any, Any] = {}
+    values = []
+    for row in rows:
+        converted = []
+        for value, process in zip(row.values(), processors, strict=True):
+            if process is None or value is None:
+                converted.append(value)
+            elif type(value) is datetime:
+                key = (value, value.utcoffset())
+                done = datetimes.get(key)
+                if done is None:
+                    done = datetimes[key] = process(value)
+                converted.append(done)
+            else:
+                converted.append(process(value))
+        values.append(tuple(converted))
+    marks = ", ".join("?" * len(names))
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})",
+                         values)
 
 
 def copy_rows(cursor: Any, table: Table, rows: list[dict[str, Any]]) -> None:

@@ -15,6 +15,7 @@ import json
 import shutil
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -421,8 +422,6 @@ def test_the_postgresql_read_looks_up_indexes_in_its_generic_plan(
     (lis_bridge.bulk_pg) finds earlier copies, waiting messages, samples, ordered tests
     and results by index, also in the generic plan PostgreSQL switches to after a few
     executions; checked on tables of a few thousand rows, analysed."""
-    from datetime import UTC, datetime
-
     import psycopg2
 
     from lis_bridge import bulk_pg
@@ -541,8 +540,6 @@ def test_the_duplicate_check_looks_up_indexes_not_the_whole_table(sqlite_url: st
     """DESIGN rule 5 at any table size: the batch duplicate check must seek by content
     hash and by (interface, sender, control id), never scan raw_messages (one query with
     OR did, and got slower with every message an analyzer had sent)."""
-    from datetime import UTC, datetime
-
     from sqlalchemy import event
 
     from engine.ingest_bulk import _earlier_copies
@@ -577,3 +574,60 @@ def test_large_messages_are_decoded_by_the_writer_not_the_reactor() -> None:
     filler = [("NA", "140", "F")] * (REACTOR_DECODE_LIMIT // 20)
     large = prepare_item(rt, oru("s2", "P-1", filler), "p", True)
     assert large.decoded is None and large.mapped is None
+
+
+RESULT_VALUES = st.fixed_dictionaries({
+    "value_number": st.one_of(st.none(), st.decimals(allow_nan=False, allow_infinity=False,
+                                                     places=3, min_value=-10**6,
+                                                     max_value=10**6)),
+    "observed_at": st.one_of(st.none(), st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1),
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)),
+                                   timezone(timedelta(hours=-3))]))),
+    "is_critical": st.booleans(),
+    "comments": st.text(max_size=20),
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.lists(RESULT_VALUES, min_size=1, max_size=6))
+def test_the_sqlite_results_insert_stores_what_sqlalchemy_stores(
+        sqlite_copies: SqliteCopies, values: list[dict[str, Any]]) -> None:
+    """lis_bridge.results_bulk._insert_rows converts each value with its column type's own
+    bind processor: every column of every row reads back byte for byte as SQLAlchemy's
+    insert() stores it (datetimes in several zones, the same instant twice, None,
+    decimals, booleans)."""
+    from sqlalchemy import insert
+
+    from lis_bridge.models import Result
+    from lis_bridge.results_bulk import _insert_rows
+
+    when = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
+    # the same instant in another zone: equal datetimes, different wall-clock text
+    values = [*values, {**values[0], "observed_at": when.astimezone(timezone(timedelta(hours=2)))},
+              {**values[0], "observed_at": when}]
+    with sqlite_copies() as (a_url, b_url):
+        stored = []
+        for url, how in ((a_url, "sqlalchemy"), (b_url, "driver")):
+            engine = make_engine(url)
+            try:
+                with engine.begin() as conn:
+                    sample = conn.scalar(text("SELECT id FROM samples ORDER BY id LIMIT 1"))
+                    rows = [{"sample_fk": sample, "test_code": "GLU", "analyzer_code": "GLU",
+                             "value_text": "1", "value_number": v["value_number"],
+                             "comparator": "", "units": "", "reference_range": "", "flag": "",
+                             "is_critical": v["is_critical"], "status": "F",
+                             "observed_at": v["observed_at"], "equipment": "",
+                             "comments": v["comments"], "interface": "t", "message_fk": None,
+                             "is_current": True, "superseded_by_fk": None, "created_at": when}
+                            for v in values]
+                    if how == "sqlalchemy":
+                        conn.execute(insert(Result), rows)
+                    else:
+                        _insert_rows(conn, Result.__table__, rows)  # type: ignore[arg-type]
+                    columns = ", ".join(f"quote({c.name})" for c in Result.__table__.c)
+                    stored.append(conn.execute(text(
+                        f"SELECT {columns} FROM results ORDER BY id")).all())
+            finally:
+                engine.dispose()
+        assert stored[0] == stored[1]
