@@ -6,21 +6,22 @@ reactor, the server and the analyzers' connections all want a core) a round trip
 0.2-0.5 ms whatever the statement does, and the fast lane sent about eighteen per group
 commit. Here they are folded into two:
 
-- :func:`read_stretch`: one ``execute`` with two statements. The first locks the samples
-  named (``FOR UPDATE``, in id order, so two writers cannot deadlock). The second, run
-  after the locks are held and so reading what is committed then, returns in one result
-  set everything the fast lane checks: earlier copies of the messages (content hash, or
-  interface + sender + control id), specimens with a message waiting, the samples with
-  their ordered tests and result codes, and ids for the new raw messages from their
-  sequence.
+- :func:`read_stretch`: one ``execute`` with two prepared statements (planned once per
+  connection). The first locks the samples named (``FOR UPDATE``, in id order, so two
+  writers cannot deadlock). The second, run after the locks are held and so reading what
+  is committed then, returns in one result set everything the fast lane checks: earlier
+  copies of the messages (content hash, or interface + sender + control id), specimens
+  with a message waiting, the samples with their ordered tests and result codes, and ids
+  for the new raw messages from their sequence.
 - :func:`write_stretch`: one ``execute`` with every INSERT and UPDATE (raw messages,
   their specimens, ordered-test statuses, sample moves, audit rows, render jobs), then
   the result rows by ``COPY``.
 
-Values reach the server through psycopg2's own quoting (``cursor.mogrify``), never by
-string formatting. The SQLite path (:mod:`engine.ingest_bulk`, :mod:`lis_bridge.results_bulk`)
-is unchanged and gives the same rows: the Hypothesis test in
-``tests/integration/test_ingest_bulk.py`` compares both ways on both databases.
+Values reach the server through psycopg2's own quoting (parameters and
+``cursor.mogrify``), never by string formatting. The other databases take the statements
+of :mod:`engine.ingest_bulk` and :mod:`lis_bridge.results_bulk`, with the same outcome:
+the Hypothesis tests in ``tests/integration/test_ingest_bulk.py`` compare the fast lane
+with the one-at-a-time path on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
