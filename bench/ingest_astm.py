@@ -11,8 +11,11 @@
    a share of the line rate.
 
     .venv/bin/python bench/ingest_astm.py [--messages 1000] [--serial-messages 10] [--quick]
+        [--connections N ...] [--in-process]
 
 ``--quick``: 300 messages per TCP case and 2 over the serial line (about a minute).
+``--in-process``: the engine applies messages on its own writer thread
+(``ingest_process: false``) instead of its ingest process, for comparison.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.ingest_hl7 import (  # noqa: E402
+    INGEST_PROCESS,
     TESTS,
     WARM_UP,
     admin_yaml,
@@ -74,6 +78,7 @@ def config_yaml(mapping: Path, *, port: int | None = None, device: str | None = 
                  else f"serial: {{device: {device}, baudrate: 9600}}")
     return f"""
 database: sqlite:///unused.db
+ingest_process: {str(INGEST_PROCESS[0]).lower()}
 {admin_yaml(admin_port)}interfaces:
   - name: bench-astm
     protocol: astm
@@ -290,14 +295,22 @@ def main() -> None:
     parser.add_argument("--serial-messages", type=int, default=10)
     parser.add_argument("--quick", action="store_true",
                         help="300 messages per TCP case, 2 over the serial line")
+    parser.add_argument("--in-process", action="store_true",
+                        help="apply messages on the engine's own writer thread "
+                             "(ingest_process: false), for comparison")
+    parser.add_argument("--connections", type=int, action="append",
+                        help="TCP connection counts to run (repeatable; default 1, 8, 16)")
     args = parser.parse_args()
+    INGEST_PROCESS[0] = not args.in_process
+    print("ASTM results, 25 per message; applied by "
+          + ("the engine's writer thread" if args.in_process else "the ingest process"))
     if args.quick:
         args.messages, args.serial_messages = 300, 2
     workdir = Path(tempfile.mkdtemp(prefix="labrelay-astm-bench-"))
     mapping = workdir / "bench-astm.yaml"
     mapping.write_text(mapping_yaml())
     try:
-        for connections in (1, 8, 16):
+        for connections in args.connections or (1, 8, 16):
             bench_tcp(workdir, mapping, args.messages, connections)
         bench_serial(workdir, mapping, args.serial_messages)
     finally:

@@ -7,8 +7,11 @@ a bare Twisted MLLP server that only stores the raw bytes gives the ceiling on t
 machine; the ratio says what decoding, mapping and applying cost.
 
     .venv/bin/python bench/ingest_hl7.py [--messages 2000] [--postgres URL] [--quick]
+        [--only sqlite|postgresql] [--connections N ...] [--engine-only] [--in-process]
 
 Prints messages/s and ACK latency p50/p99 per case. ``--quick``: 300 messages per case.
+``--in-process``: the engine applies messages on its own writer thread
+(``ingest_process: false``) instead of its ingest process, for comparison.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from lis_bridge.models import OrderedTest, Sample  # noqa: E402
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
 TESTS = [f"T{i:02d}" for i in range(1, 26)]
 WARM_UP = 50  # messages sent first on one connection, not timed
+# engine.ingest_process on (the default) or off (--in-process), for all cases of a run
+INGEST_PROCESS = [True]
 ADMIN_TOKEN = "bench-admin-token"  # noqa: S105 - a local bench engine on 127.0.0.1
 DEFAULT_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/labrelay_bench"
 
@@ -79,6 +84,7 @@ def admin_yaml(admin_port: int | None) -> str:
 def config_yaml(port: int, mapping: Path, admin_port: int | None = None) -> str:
     return f"""
 database: sqlite:///unused.db
+ingest_process: {str(INGEST_PROCESS[0]).lower()}
 {admin_yaml(admin_port)}interfaces:
   - name: bench-hl7
     protocol: hl7
@@ -141,9 +147,13 @@ def writer_status(admin_port: int | None) -> dict[str, float] | None:
                                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 - http only
-            return dict(json.loads(response.read())["writer"])
-    except (OSError, ValueError, KeyError):
+            status = json.loads(response.read())
+    except (OSError, ValueError):
         return None
+    # inbound messages are written by the ingest process's writer when there is one
+    ingest = status.get("ingest") or {}
+    writer = ingest.get("writer") or status.get("writer")
+    return dict(writer) if writer else None
 
 
 def writer_load(before: dict[str, float] | None, after: dict[str, float] | None,
@@ -264,7 +274,11 @@ def main() -> None:
                         help="connection counts to run (repeatable; default 1 and 8)")
     parser.add_argument("--engine-only", action="store_true",
                         help="skip the bare store-only ceiling runs")
+    parser.add_argument("--in-process", action="store_true",
+                        help="apply messages on the engine's own writer thread "
+                             "(ingest_process: false), for comparison")
     args = parser.parse_args()
+    INGEST_PROCESS[0] = not args.in_process
     if args.quick:
         args.messages = 300
     workdir = Path(tempfile.mkdtemp(prefix="labrelay-bench-"))
@@ -272,7 +286,9 @@ def main() -> None:
         mapping = workdir / "bench.yaml"
         mapping.write_text(mapping_yaml())
         version = sys.version.split()[0]
-        print(f"ORU^R01 with 25 OBX; {args.messages} messages per case; python {version}")
+        where = "the engine's writer thread" if args.in_process else "the ingest process"
+        print(f"ORU^R01 with 25 OBX; {args.messages} messages per case; python {version}; "
+              f"applied by {where}")
         databases = []
         if args.only != "postgresql":
             databases.append(("sqlite", f"sqlite:///{workdir / 'bench.db'}"))

@@ -32,10 +32,17 @@ class AdminResource(Resource):
         if path == "/health":
             status = self.service.status()
             failed = [i["name"] for i in status["interfaces"] if i["status"] == "failed"]
-            healthy = not failed and status["writer"]["storage_errors"] == 0
-            request.setResponseCode(200 if not failed else 503)
+            ingest = status.get("ingest")
+            # while the ingest process is down, every analyzer is told to resend
+            ingest_down = ingest is not None and not ingest["running"]
+            healthy = (not failed and not ingest_down
+                       and status["writer"]["storage_errors"] == 0)
+            request.setResponseCode(200 if not failed and not ingest_down else 503)
             request.setHeader("content-type", "application/json")
-            return json.dumps({"ok": healthy, "failed_interfaces": failed}).encode()
+            body: dict[str, Any] = {"ok": healthy, "failed_interfaces": failed}
+            if ingest is not None:
+                body["ingest_process"] = "down" if ingest_down else "up"
+            return json.dumps(body).encode()
         if not self._authorised(request):
             request.setResponseCode(401)
             request.setHeader("www-authenticate", "Bearer")
@@ -112,4 +119,18 @@ def _metrics(status: dict[str, Any]) -> str:
     lines.append(f"labrelay_writer_busy_seconds_total {writer['busy_seconds']}")
     lines.append("# TYPE labrelay_writer_storage_errors_total counter")
     lines.append(f"labrelay_writer_storage_errors_total {writer['storage_errors']}")
+    ingest = status.get("ingest")
+    if ingest is not None:
+        # the ingest process (engine.ingest_process) and its writer, which applies every
+        # inbound message; the labrelay_writer_* lines above are the engine's own writer
+        lines.append("# TYPE labrelay_ingest_process_up gauge")
+        lines.append(f"labrelay_ingest_process_up {1 if ingest['running'] else 0}")
+        lines.append("# TYPE labrelay_ingest_process_restarts_total counter")
+        lines.append(f"labrelay_ingest_process_restarts_total {ingest['restarts']}")
+        lines.append("# TYPE labrelay_ingest_in_flight gauge")
+        lines.append(f"labrelay_ingest_in_flight {ingest['in_flight']}")
+        stats = ingest.get("writer") or {}
+        for name in ("batches", "units", "busy_seconds", "storage_errors"):
+            lines.append(f"# TYPE labrelay_ingest_writer_{name}_total counter")
+            lines.append(f"labrelay_ingest_writer_{name}_total {stats.get(name, 0)}")
     return "\n".join(lines) + "\n"

@@ -210,6 +210,9 @@ class EngineConfig:
     reports: ReportsConfig = field(default_factory=ReportsConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    # inbound messages stored and applied in a process beside the engine's reactor
+    # (engine.ingest_process); false keeps them on the engine's own writer thread
+    ingest_process: bool = True
 
     def interface(self, name: str) -> InterfaceConfig:
         for iface in self.interfaces:
@@ -696,6 +699,7 @@ def parse_config(text: str, source: Path) -> EngineConfig:
             token=admin_r.get("token", str, ""),
         )
         admin_r.finish()
+    ingest_process = top.get("ingest_process", bool, True)
     top.finish()
     if errors:
         raise ConfigError(
@@ -713,6 +717,7 @@ def parse_config(text: str, source: Path) -> EngineConfig:
         reports=reports,
         notifications=notifications,
         admin=admin,
+        ingest_process=ingest_process,
     )
 
 

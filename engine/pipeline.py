@@ -628,8 +628,11 @@ class Pipeline:
         *,
         node_name: str = "labrelay",
         clock: Callable[[], datetime] = _utcnow,
+        ingest: Any = None,
     ) -> None:
         self.writer = writer
+        # engine.ingest_process.IngestProcess: inbound messages go there when set
+        self.ingest = ingest
         self.interfaces = interfaces
         self.node_name = node_name
         self.clock = clock
@@ -643,10 +646,15 @@ class Pipeline:
         started = time.perf_counter()
         stats = self.stats[interface]
         stats.received += 1
-        item = prepare_item(rt, raw, peer, apply_now)
-        # Alone, or (bulk) together with the messages queued beside it: same outcome.
-        d = self.writer.submit(lambda session: ingest_one(session, item), bulk=ingest_bulk,
-                               item=item)
+        d: Deferred[IngestResult]
+        if self.ingest is not None:
+            # stored, decoded, mapped and applied by the ingest process (same code)
+            d = self.ingest.submit(interface, raw, peer, apply_now)
+        else:
+            item = prepare_item(rt, raw, peer, apply_now)
+            # Alone, or (bulk) together with the messages queued beside it: same outcome.
+            d = self.writer.submit(lambda session: ingest_one(session, item),
+                                   bulk=ingest_bulk, item=item)
 
         def done(result: IngestResult) -> IngestResult:
             stats.last_latency_ms = (time.perf_counter() - started) * 1000

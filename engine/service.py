@@ -45,7 +45,13 @@ class InterfaceState:
 
 
 class EngineService(MultiService):
-    def __init__(self, config: EngineConfig, database_url: str, reactor: Any = None) -> None:
+    """The engine. ``ingest_command``: how to start the ingest process
+    (:mod:`engine.ingest_process`; ``labrelay run`` gives it); without it, or with
+    ``ingest_process: false`` in the config, inbound messages are applied by the writer
+    thread of this process."""
+
+    def __init__(self, config: EngineConfig, database_url: str, reactor: Any = None, *,
+                 ingest_command: list[str] | None = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -66,6 +72,8 @@ class EngineService(MultiService):
         self.attention: dict[str, Any] = {}
         self.started_at = datetime.now(UTC)
         self._attention_loop: Any = None
+        self.ingest_command = ingest_command
+        self.ingest: Any = None  # engine.ingest_process.IngestProcess
 
     # ------------------------------------------------------------------ start
 
@@ -91,7 +99,18 @@ class EngineService(MultiService):
                 self.runtimes[iface.name] = load_runtime(iface)
             except LabrelayError as exc:
                 self._failed(state, str(exc))
-        self.pipeline = Pipeline(self.writer, self.runtimes, node_name=self.config.node_name)
+        if self.config.ingest_process and self.ingest_command:
+            import os
+
+            from engine.ingest_process import IngestProcess
+
+            self.ingest = IngestProcess(
+                self.reactor, self.ingest_command,
+                dict(os.environ, LABRELAY_DATABASE_URL=self.database_url),
+                alert=lambda message, detail: self._alert(message, detail, "engine"))
+            self.ingest.start()
+        self.pipeline = Pipeline(self.writer, self.runtimes, node_name=self.config.node_name,
+                                 ingest=self.ingest)
         starts = [self._start_interface(self.runtimes[name].config) for name in self.runtimes]
         self._resume_unapplied()
         self._resume_queued_orders()
@@ -339,6 +358,9 @@ class EngineService(MultiService):
                 if transport is not None:
                     transport.loseConnection()
         yield defer.maybeDeferred(super().stopService)
+        if self.ingest is not None:
+            # it finishes the batch it holds and answers; then this writer drains
+            yield self.ingest.stop()
         if self.writer is not None:
             # Let the reactor deliver the last callbacks, then drain the queue.
             from twisted.internet import threads
@@ -460,6 +482,9 @@ class EngineService(MultiService):
             "started_at": self.started_at.isoformat(),
             "interfaces": interfaces,
             "attention": self.attention,
+            # the ingest process's writer (inbound messages), when there is one; "writer"
+            # below is this process's (alerts, order downloads, status, reprocessing)
+            "ingest": self.ingest.status() if self.ingest is not None else None,
             "writer": {
                 "backlog": writer.backlog if writer else 0,
                 "batches": writer.stats.batches if writer else 0,

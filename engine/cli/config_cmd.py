@@ -26,6 +26,8 @@ def check_cmd(file: Path) -> None:
     cfg = load_config(file)
     click.echo(f"{file}: valid")
     click.echo(f"  database: {_safe_url(cfg.database)}")
+    click.echo("  inbound messages applied by: " + (
+        "the ingest process" if cfg.ingest_process else "the engine's writer thread"))
     click.echo(f"  interfaces: {len(cfg.interfaces)}")
     for iface in cfg.interfaces:
         state = "" if iface.enabled else " (disabled)"

@@ -35,7 +35,10 @@ def run_cmd(state: CliState) -> None:
     database_url = state.database_url()
     _check_database(database_url)
     route_twisted_logs()
-    service = EngineService(config, database_url, reactor)
+    # inbound messages are applied in a process of their own (engine.ingest_process)
+    ingest_command = [sys.executable, "-m", "engine.ingest_process", "--config",
+                      str(config.source.resolve()), "--log-format", state.log_format]
+    service = EngineService(config, database_url, reactor, ingest_command=ingest_command)
     failed: list[str] = []
 
     def start() -> None:

@@ -47,11 +47,13 @@ class EngineProcess:
         with self._lock:
             return [e for e in self.lines if e.get("event") == name]
 
-    def wait_for(self, name: str, timeout: float = START_TIMEOUT) -> dict[str, object]:
+    def wait_for(self, name: str, timeout: float = START_TIMEOUT,
+                 count: int = 1) -> dict[str, object]:
+        """The first event ``name`` once ``count`` of them were logged (polled, bounded)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = self.events(name)
-            if found:
+            if len(found) >= count:
                 return found[0]
             if self.process.poll() is not None:
                 break

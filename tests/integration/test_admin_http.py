@@ -88,6 +88,7 @@ def test_health_status_and_metrics(db_url: str, tmp_path: Path) -> None:
         status, ctype, body = get(admin_port, "/health")
         assert status == 200 and ctype.startswith("application/json")
         assert json.loads(body)["ok"] is True
+        assert json.loads(body)["ingest_process"] == "up"
 
         # /status and /metrics need the token
         for path in ("/status", "/metrics"):
@@ -115,6 +116,8 @@ def test_health_status_and_metrics(db_url: str, tmp_path: Path) -> None:
         assert "# TYPE labrelay_messages_received_total counter" in lines
         assert 'labrelay_messages_received_total{interface="adm-hl7"} 1' in lines
         assert 'labrelay_interface_up{interface="adm-hl7"} 1' in lines
+        assert "labrelay_ingest_process_up 1" in lines
+        assert "labrelay_ingest_writer_units_total 1" in lines
         # Prometheus text format: every sample line is `name{labels} value`
         for line in lines:
             if line and not line.startswith("#"):

@@ -179,3 +179,47 @@ def test_bad_config_does_not_start(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
     assert done.returncode != 0
     assert f"{bad}:3: interfaces[0].protocol: expected one of hl7, astm" in done.stderr
+
+
+def test_a_crashed_ingest_process_is_restarted_and_nothing_acked_is_lost(
+        db_url: str, tmp_path: Path) -> None:
+    """The ingest process (engine.ingest_process) killed under load: the messages it held
+    get no positive ACK (DESIGN rule 2), the engine logs it, starts it again, and every
+    message that was ACKed is stored exactly once; the resends are duplicates."""
+    import os
+    import threading
+
+    import_orders(db_url, "DEMO0001")
+    port = free_port()
+    config = write_config(tmp_path, port)
+    messages = [_message(n) for n in range(300)]
+    acked: list[str] = []
+    with running_engine(config, db_url, tmp_path) as engine:
+        child = engine.wait_for("ingest.process.started")["process_id"]
+        assert isinstance(child, int)
+        sender = threading.Thread(target=_stream, args=(port, messages, acked, 0))
+        sender.start()
+        for _ in range(2000):  # bounded: kill once some messages are through
+            if len(acked) >= 30 or not sender.is_alive():
+                break
+            sender.join(0.01)
+        os.kill(child, signal.SIGKILL)
+        sender.join(60)
+        exited = engine.wait_for("ingest.process.exited")
+        assert exited["how"] == "signal 9"
+        # started again (a second "started" event and its "ready"); then every resend
+        # is answered
+        engine.wait_for("ingest.process.started", count=2)
+        engine.wait_for("ingest.process.ready", count=2)
+        resent: list[str] = []
+        _stream(port, messages, resent, 0)
+        assert engine.stop() == 0
+    assert 0 < len(acked) < len(messages), "the kill should land mid-stream"
+    assert len(resent) == len(messages)
+    sessions = session_factory(make_engine(db_url))
+    with sessions() as session:
+        stored = [c for c, in session.execute(select(RawMessage.control_id).where(
+            RawMessage.status != MessageStatus.DUPLICATE)).all()]
+    for control in acked:
+        assert stored.count(control) == 1, f"{control} ACKed, stored {stored.count(control)} times"
+    assert sorted(stored) == sorted(f"K{n:05d}" for n in range(len(messages)))

@@ -120,3 +120,10 @@ def test_run_refuses_an_unreachable_database_with_a_clear_reason(tmp_path: Path)
     assert done.returncode == 1
     assert "cannot open the database" in done.stderr and "did not start" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_ingest_process_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    assert parse_config("{}\n", tmp_path / "c.yaml").ingest_process is True
+    assert parse_config("ingest_process: false\n", tmp_path / "c.yaml").ingest_process is False
+    with pytest.raises(ConfigError, match=r"c.yaml:1: ingest_process: expected"):
+        parse_config("ingest_process: sometimes\n", tmp_path / "c.yaml")
