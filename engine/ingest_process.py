@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import struct
 import sys
 import threading
@@ -357,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     from engine.writer import DatabaseWriter
     from lis_bridge.db import make_engine, session_factory
 
+    # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group.
+    # The engine stops this process itself: it closes our input, and we finish the batch
+    # we hold and answer first. So both signals are left to the engine.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(args.log_format, stream=sys.stderr, cache_loggers=True)
     structlog.contextvars.bind_contextvars(engine_process="ingest")
     url = os.environ.get("LABRELAY_DATABASE_URL", "")

@@ -223,3 +223,27 @@ def test_a_crashed_ingest_process_is_restarted_and_nothing_acked_is_lost(
     for control in acked:
         assert stored.count(control) == 1, f"{control} ACKed, stored {stored.count(control)} times"
     assert sorted(stored) == sorted(f"K{n:05d}" for n in range(len(messages)))
+
+
+def test_the_ingest_process_leaves_signals_to_the_engine(db_url: str, tmp_path: Path) -> None:
+    """Ctrl-C and a service manager's SIGTERM reach the whole process group: the ingest
+    process ignores them and finishes when the engine closes its input, so a message in
+    its hands is answered and a clean stop stays clean (exit code 0)."""
+    import os
+
+    import_orders(db_url, "DEMO0001")
+    port = free_port()
+    config = write_config(tmp_path, port)
+    with running_engine(config, db_url, tmp_path) as engine:
+        child = engine.wait_for("ingest.process.started")["process_id"]
+        assert isinstance(child, int)
+        engine.wait_for("ingest.process.ready")
+        os.kill(child, signal.SIGTERM)
+        os.kill(child, signal.SIGINT)
+        acked: list[str] = []
+        _stream(port, [_message(1)], acked, 0)
+        assert acked == ["K00001"]  # still there, still answering
+        assert engine.stop() == 0
+    stopped = engine.wait_for("ingest.process.stopped")
+    assert stopped["how"] == "exit code 0"
+    assert not engine.events("ingest.process.exited")
