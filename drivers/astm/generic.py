@@ -49,7 +49,14 @@ from drivers.astm.records import (
     is_header_line,
     parse_message,
 )
-from drivers.model import AnalyzerMessage, MessageKind, Observation, QueryRequest, SpecimenResults
+from drivers.model import (
+    AnalyzerMessage,
+    MessageKind,
+    Observation,
+    QueryRequest,
+    SpecimenResults,
+    parse_number,
+)
 
 __all__ = [
     "GenericASTMDriver",
@@ -119,6 +126,21 @@ class _SpecimenBuilder:
         )
 
 
+# Mindray QC layout of O-12: level^name^lot^expiry^mean^?^SD^result
+_MINDRAY_QC_COMPONENTS = 8
+
+
+def _mindray_qc(rec: Record) -> bool:
+    """True when O-12 holds Mindray's QC layout (a plain action code has one component),
+    its last component a number."""
+    for rep in range(len(rec.repeats(12))):
+        comps = rec.components(12, rep)
+        result = comps[7].strip() if len(comps) >= _MINDRAY_QC_COMPONENTS else ""
+        if parse_number(result)[1] is not None:
+            return True
+    return False
+
+
 class GenericASTMDriver:
     """Decodes any LIS2-A2 message; vendor drivers subclass and override hooks."""
 
@@ -171,6 +193,15 @@ class GenericASTMDriver:
             rtype = rec.type
             if rtype == "P":
                 patient_hint = self._patient_id(rec)
+                current = None
+                last_obs_index = None
+            elif rtype == "O" and processing_id == "QR" and _mindray_qc(rec):
+                # Mindray QC result (H-12 QR): no R record; each repeat of O-12 is one
+                # control level, level^name^lot^expiry^mean^?^SD^result (corpus:
+                # mindray_bs240__4, mindray_cl2000i__4; the Mindray CL host manual).
+                has_qc_marker = has_results = True
+                for builder in self._mindray_qc(rec, patient_hint):
+                    specimens.append(builder)
                 current = None
                 last_obs_index = None
             elif rtype == "O":
@@ -314,6 +345,30 @@ class GenericASTMDriver:
         if comp(1).isdigit() and comp(2):
             return comp(2)
         return comp(1) or comp(2)
+
+    def _mindray_qc(self, rec: Record, patient_hint: str) -> list[_SpecimenBuilder]:
+        """One QC specimen per control level of a Mindray QC order record: named by its
+        control and lot, its result under the order's test code (O-5)."""
+        code = self._test_code(rec.components(5, 0))
+        status = rec.value(26, 1).strip().upper()
+        builders = []
+        for rep in range(len(rec.repeats(12))):
+            comps = [c.strip() for c in rec.components(12, rep)]
+            if len(comps) < _MINDRAY_QC_COMPONENTS:
+                continue
+            level, name, lot, expiry, mean, _unknown, sd, result = comps[:8]
+            control = " ".join(x for x in (name, "lot " + lot if lot else "") if x)
+            builder = _SpecimenBuilder(f"QC {control}".strip(), patient_hint, is_qc=True,
+                                       report_type=status)
+            builder.ordered_codes.append(code)
+            builder.observations.append(Observation(
+                analyzer_code=code, value_text=result,
+                reference_range=f"target {mean} SD {sd}" if mean or sd else "",
+                status=status,
+                comments=(f"QC level {level}, control {name}, lot {lot}, expires {expiry}",),
+                sub_id=rec.text(12), analyzer_name=name))
+            builders.append(builder)
+        return builders
 
     def _observation(self, rec: Record) -> Observation:
         comps = rec.components(3, 0)

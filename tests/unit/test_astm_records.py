@@ -309,3 +309,35 @@ def test_value_of_a_plain_field_is_the_field_itself(fields: list[str], rtype: st
     comps = rec.components(number, repeat)
     expected = comps[component - 1] if 0 < component <= len(comps) else ""
     assert rec.value(number, component, repeat) == expected
+
+
+MINDRAY_QC = (b"H|\\^&|||Mindray^^|||||||QR|1394-97|20260101120000\r"
+              b"P|1\r"
+              b"O|1|||1^GLU|||||||1^CtrlN^LOT7^20270101^5.5^M^0.3^5.61\\"
+              b"2^CtrlH^LOT8^20270101^15^M^0.9^14.8||||||||||||||F\r"
+              b"L|1|N\r")
+
+
+def test_mindray_qc_in_the_order_record_is_decoded_per_control_level() -> None:
+    """Mindray QC (H-12 QR): no R record; each repeat of O-12 is one control level,
+    level^name^lot^expiry^mean^?^SD^result (corpus: mindray_bs240__4, mindray_cl2000i__4)."""
+    message = GenericASTMDriver().decode(MINDRAY_QC)
+    assert message.kind is MessageKind.QC
+    got = [(s.specimen_id, s.is_qc, [(o.analyzer_code, o.value_text, o.reference_range)
+                                     for o in s.observations]) for s in message.specimens]
+    assert got == [("QC CtrlN lot LOT7", True, [("GLU", "5.61", "target 5.5 SD 0.3")]),
+                   ("QC CtrlH lot LOT8", True, [("GLU", "14.8", "target 15 SD 0.9")])]
+    assert "lot LOT7, expires 20270101" in message.specimens[0].observations[0].comments[0]
+
+
+@pytest.mark.parametrize("message", [
+    # an ordinary result message: O-12 is an action code
+    MINDRAY_QC.replace(b"|QR|", b"|PR|"),
+    # QR, but O-12 is not the QC layout (too few components)
+    MINDRAY_QC.replace(b"1^CtrlN^LOT7^20270101^5.5^M^0.3^5.61\\2^CtrlH^LOT8^20270101^15^M^0.9"
+                       b"^14.8", b"N"),
+])
+def test_only_the_mindray_qc_layout_is_read_as_qc(message: bytes) -> None:
+    decoded = GenericASTMDriver().decode(message)
+    assert decoded.kind is not MessageKind.QC
+    assert not [o for s in decoded.specimens for o in s.observations]
