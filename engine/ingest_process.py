@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -168,6 +168,7 @@ class IngestProcess:
         self.running = False
         self.stopping = False
         self.restarts = 0
+        self._failures = 0  # exits since it last answered: how long to wait before a restart
         self.last_exit = ""
         self.writer_stats: dict[str, Any] = {}
         self._ended_waiters: list[Deferred[None]] = []
@@ -190,7 +191,7 @@ class IngestProcess:
     def submit(self, interface: str, raw: bytes, peer: str, apply_now: bool) -> Deferred[Any]:
         """The message's outcome (an IngestResult), once committed by the ingest process."""
         if not self.running or self.transport is None:
-            return _fail(StorageError(
+            return fail(StorageError(
                 "the ingest process is not running (it is being started again); nothing was "
                 "acknowledged, the analyzer should resend"))
         request_id = self.next_id
@@ -208,6 +209,7 @@ class IngestProcess:
         if d is None:
             log.error("ingest.process.unknown_answer", request=header.get("id"))
             return
+        self._failures = 0  # it answers: after a later exit, the shortest delay again
         if header.get("ok"):
             try:
                 result = result_from_frame(header, payload)
@@ -247,7 +249,8 @@ class IngestProcess:
         self._restart_later()
 
     def _restart_later(self) -> None:
-        delay = RESTART_DELAYS[min(self.restarts, len(RESTART_DELAYS) - 1)]
+        delay = RESTART_DELAYS[min(self._failures, len(RESTART_DELAYS) - 1)]
+        self._failures += 1
         self.restarts += 1
         self.reactor.callLater(delay, self.start)
 
@@ -282,12 +285,6 @@ class IngestProcess:
                 "process_id": getattr(self.transport, "pid", None), "restarts": self.restarts,
                 "last_exit": self.last_exit, "in_flight": len(self.pending),
                 "writer": self.writer_stats}
-
-
-def _fail(exc: Exception) -> Deferred[Any]:
-    d: Deferred[Any] = Deferred()
-    d.errback(exc)
-    return d
 
 
 # ----------------------------------------------------------------- the ingest process
