@@ -172,8 +172,10 @@ class IngestProcess:
         self.last_exit = ""
         self.writer_stats: dict[str, Any] = {}
         self._ended_waiters: list[Deferred[None]] = []
+        self._restart: Any = None  # the DelayedCall of a pending restart
 
     def start(self) -> None:
+        self._restart = None
         if self.stopping:
             return
         try:
@@ -252,12 +254,14 @@ class IngestProcess:
         delay = RESTART_DELAYS[min(self._failures, len(RESTART_DELAYS) - 1)]
         self._failures += 1
         self.restarts += 1
-        self.reactor.callLater(delay, self.start)
+        self._restart = self.reactor.callLater(delay, self.start)
 
     def stop(self) -> Deferred[None]:
         """Close its input: it finishes the batch it holds, answers, and exits. Killed if
         it has not ended within ``STOP_TIMEOUT`` seconds."""
         self.stopping = True
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
         done: Deferred[None] = Deferred()
         if not self.running or self.transport is None:
             done.callback(None)
