@@ -22,6 +22,10 @@ whole life (an advisory lock on PostgreSQL, a file lock beside an SQLite file), 
 an engine killed with SIGKILL leaves behind finishes its last batch before the next one
 takes over, and the duplicate check always sees what the other committed.
 
+It reads the configuration and the mapping files when it starts, as the engine does:
+after changing them, restart the engine (a process started again after a crash reads
+them as they are then, so keep them unchanged while the engine runs).
+
 Wire format, both ways, on the child's stdin and stdout: frames of two 4-byte big-endian
 lengths, a JSON header and the payload bytes (the raw message; the replies an outcome
 carries). Sizes are bounded, and JSON holds only plain values: nothing is unpickled.
