@@ -412,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
                            "message": failure.getErrorMessage()[:500], "writer": stats()}))
 
     frames = FrameReader()
+    # As `labrelay run` does: what is loaded now lives as long as the process; out of the
+    # collector's reach, a full collection no longer walks it and stalls the writer.
+    import gc
+
+    gc.freeze()
     log.info("ingest.process.ready", interfaces=len(runtimes))
     try:
         while True:
