@@ -21,6 +21,7 @@ from engine.adapters.astm import ASTMFactory, make_client_service, open_serial
 from engine.adapters.astm_send import send_astm
 from engine.errors import StorageError
 from engine.protocols.astm_link import ACK, ENQ, EOT, NAK, encode_frames
+from tests.integration.reactor_turns import turns
 
 reactor: Any = _reactor  # zope interfaces are opaque to mypy
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
@@ -50,13 +51,6 @@ def write(protocol: Protocol, data: bytes) -> None:
     cast(Any, protocol.transport).write(data)
 
 
-async def turns(condition: Any, limit: int = 3000) -> None:
-    """Let the reactor run (I/O included) until ``condition()``; bounded, no sleeping."""
-    for _ in range(limit):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.001, lambda: None)
-    raise AssertionError("condition not reached")
 
 
 class RawClient(Protocol):

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet import task
 from twisted.trial import unittest
 
 from engine.errors import StorageError
 from engine.ingest_process import IngestProcess
+from tests.integration.reactor_turns import turns
 
 reactor: Any = _reactor
 REPO = Path(__file__).resolve().parents[2]
@@ -21,13 +21,6 @@ ORU = (b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ORU^R01|c1|P|2.5.1\r"
        b"OBR|1|P-1|P-1|CHEM\rOBX|1|NM|GLU^Glucose||5.4|mmol/L|||||F\r")
 
 
-async def turns(condition: Any, limit: int = 20_000) -> None:
-    """Let the reactor run until ``condition()``; bounded (20 s), no sleeping."""
-    for _ in range(limit):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.001, lambda: None)
-    raise AssertionError("condition not reached")
 
 
 class IngestProcessTests(unittest.TestCase):
@@ -59,12 +52,12 @@ interfaces:
         outcomes: list[Any] = []
         d = ingest.submit("t-hl7", ORU, "127.0.0.1:1", True)
         d.addBoth(outcomes.append)
-        await turns(lambda: bool(outcomes))
+        await turns(lambda: bool(outcomes), limit=20_000)
         assert outcomes[0].check(StorageError), outcomes[0]  # never a positive outcome
-        await turns(lambda: ingest.restarts >= 1)
+        await turns(lambda: ingest.restarts >= 1, limit=20_000)
         assert ingest.last_exit.startswith("exit code")
         # while it is down, or after it is started again, the answer is the same
         again: list[Any] = []
         ingest.submit("t-hl7", ORU, "127.0.0.1:1", True).addBoth(again.append)
-        await turns(lambda: bool(again))
+        await turns(lambda: bool(again), limit=20_000)
         assert again[0].check(StorageError), again[0]

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from engine.adapters._write import write_now
+from tests.integration.reactor_turns import turns
 
 reactor: Any = _reactor
 
@@ -31,13 +31,6 @@ class Collect(Protocol):
         self.data += data
 
 
-async def turns(condition: Any, limit: int = 5000) -> None:
-    """Let the reactor run until ``condition()``; bounded, no sleeping."""
-    for _ in range(limit):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.001, lambda: None)
-    raise AssertionError("condition not reached")
 
 
 class WriteNowTests(unittest.TestCase):
