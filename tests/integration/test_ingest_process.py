@@ -25,8 +25,14 @@ ORU = (b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ORU^R01|c1|P|2.5.1\r"
 
 class IngestProcessTests(unittest.TestCase):
     def setUp(self) -> None:
-        config = Path(self.mktemp())
-        config.parent.mkdir(parents=True, exist_ok=True)
+        # a temporary directory of its own: trial's mktemp() is relative to the working
+        # directory, which under pytest is the checkout
+        import shutil
+        import tempfile
+
+        directory = Path(tempfile.mkdtemp(prefix="labrelay-ingest-test-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        config = directory / "labrelay.yaml"
         config.write_text(f"""
 interfaces:
   - name: t-hl7
