@@ -282,12 +282,10 @@ def _run_stretch_pg(conn: Any, session: Session, stretch: list[_Prepared],
         facts = bulk_pg.read_stretch(
             cursor, conn.connection.info, digests=[p.digest for p in stretch],
             senders=_senders(stretch), since=now - DUPLICATE_WINDOW,
-            waiting=[s[:64] for p in stretch for s in p.message.specimen_ids if s],
+            waiting=_specimen_keys(stretch),
             samples=[cast(SpecimenResults, p.specimen).specimen_id for p in stretch],
             new_ids=len(stretch))
-        fast = _without_earlier_copies(stretch, facts.copies)
-        fast = [p for p in fast
-                if not any(s[:64] in facts.waiting for s in p.message.specimen_ids)]
+        fast = _not_waiting(_without_earlier_copies(stretch, facts.copies), facts.waiting)
         fast = _planned(session, fast, now, facts.samples)
         if len(fast) < len(stretch):
             # The ids drawn stay unused (a sequence may have gaps), so that the raw
@@ -336,9 +334,18 @@ def _without_earlier_copies(stretch: list[_Prepared], copies: Any) -> list[_Prep
 def _without_waiting_specimens(session: Session, stretch: list[_Prepared]) -> list[_Prepared]:
     if not stretch:
         return stretch
-    wanted = [s[:64] for p in stretch for s in p.message.specimen_ids if s]
-    waiting = set(session.connection().execute(_WAITING_SPECIMENS,
-                                               {"specimen_ids": wanted}).scalars())
+    waiting = set(session.connection().execute(
+        _WAITING_SPECIMENS, {"specimen_ids": _specimen_keys(stretch)}).scalars())
+    return _not_waiting(stretch, waiting)
+
+
+def _specimen_keys(stretch: list[_Prepared]) -> list[str]:
+    """The specimen ids the stretch's messages name, as message_specimens stores them."""
+    return [s[:64] for p in stretch for s in p.message.specimen_ids if s]
+
+
+def _not_waiting(stretch: list[_Prepared], waiting: set[str]) -> list[_Prepared]:
+    """``stretch`` without the messages naming a specimen that has a message waiting."""
     if not waiting:
         return stretch
     return [p for p in stretch if not any(s[:64] in waiting for s in p.message.specimen_ids)]

@@ -130,7 +130,7 @@ class _SpecimenBuilder:
 _MINDRAY_QC_COMPONENTS = 8
 
 
-def _mindray_qc(rec: Record) -> bool:
+def _is_mindray_qc(rec: Record) -> bool:
     """True when O-12 holds Mindray's QC layout (a plain action code has one component),
     its last component a number."""
     for rep in range(len(rec.repeats(12))):
@@ -195,13 +195,12 @@ class GenericASTMDriver:
                 patient_hint = self._patient_id(rec)
                 current = None
                 last_obs_index = None
-            elif rtype == "O" and processing_id == "QR" and _mindray_qc(rec):
+            elif rtype == "O" and processing_id == "QR" and _is_mindray_qc(rec):
                 # Mindray QC result (H-12 QR): no R record; each repeat of O-12 is one
                 # control level, level^name^lot^expiry^mean^?^SD^result (corpus:
                 # mindray_bs240__4, mindray_cl2000i__4; the Mindray CL host manual).
                 has_qc_marker = has_results = True
-                for builder in self._mindray_qc(rec, patient_hint):
-                    specimens.append(builder)
+                specimens.extend(self._mindray_qc(rec, patient_hint))
                 current = None
                 last_obs_index = None
             elif rtype == "O":
