@@ -55,6 +55,8 @@ _OBX_R = re.compile(r"(OBX\|[^\r\n]*|(?<![A-Za-z0-9])R\|\d+\|[^\r\n]*)")
 
 
 def _scrub_text(text: str) -> str:
+    if "|" not in text:  # every pattern below needs a field separator: most lines have none
+        return text
     text = _HL7_PID.sub("PID|" + REDACTED, text)
     text = _ASTM_P.sub("P|" + REDACTED, text)
     return _OBX_R.sub(REDACTED, text)

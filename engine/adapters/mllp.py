@@ -7,6 +7,7 @@ is kept. The framing itself is the sans-I/O core :mod:`engine.protocols.mllp`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -240,7 +241,12 @@ class MLLPServerProtocol(Protocol):
             self.log.error("mllp.ack.unframeable", reason=str(exc))
             return
         write_now(self.transport, framed)
-        self.log.info("mllp.ack.sent", **_ack_context(ack))
+        # A positive ACK is the everyday case, and the message's own line (message.applied)
+        # already tells it: at info level only the ACKs an operator must look at.
+        if _msa_code(ack) not in _POSITIVE:
+            self.log.info("mllp.ack.sent", **_ack_context(ack))
+        elif _STDLIB_LOG.isEnabledFor(logging.DEBUG):
+            self.log.debug("mllp.ack.sent", **_ack_context(ack))
 
     def _done(self) -> None:
         self._busy = False
@@ -254,6 +260,18 @@ class MLLPServerProtocol(Protocol):
         self._closed = True
         self._cancel_idle()
         self._t.loseConnection()
+
+
+_POSITIVE = frozenset({b"AA", b"CA"})
+_STDLIB_LOG = logging.getLogger(__name__)
+
+
+def _msa_code(ack: bytes) -> bytes:
+    """MSA-1 of an ACK labrelay built (b"" if there is none), without parsing it all."""
+    start = ack.find(b"\rMSA")
+    if start < 0:
+        return b""
+    return ack[start + 5:start + 7]
 
 
 def _ack_context(ack: bytes) -> dict[str, str]:

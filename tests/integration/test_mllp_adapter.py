@@ -3,6 +3,7 @@ task.Clock for time (PROTOCOLS 75-78, 83-89)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -431,11 +432,29 @@ def test_client_waits_for_application_ack_after_commit() -> None:
 def test_logs_carry_no_patient_data() -> None:
     handler = MemoryHandler()
     proto, _ = connect(MLLPServerFactory(handler, "chem1", clock=task.Clock()))
-    with capture_logs() as logs:
-        proto.dataReceived(frame(oru("1")))
+    stdlib = logging.getLogger("engine.adapters.mllp")
+    stdlib.setLevel(logging.DEBUG)  # the line of a positive ACK is a debug line
+    try:
+        with capture_logs() as logs:
+            proto.dataReceived(frame(oru("1")))
+    finally:
+        stdlib.setLevel(logging.NOTSET)
     text = repr(logs)
     assert "5.4" not in text and "S-1" not in text
     assert any(e["event"] == "mllp.ack.sent" and e["control_id"] == "A1" for e in logs)
+
+
+def test_positive_ack_is_not_an_info_line_but_a_negative_one_is() -> None:
+    class Refusing(MemoryHandler):
+        def message_received(self, raw: bytes, peer: str, interface: str) -> Deferred[Any]:
+            return defer.succeed(build_ack(parse_message(raw), "AE", "unknown specimen", TS))
+
+    for handler, expected in ((MemoryHandler(), []), (Refusing(), ["AE"])):
+        proto, _ = connect(MLLPServerFactory(handler, "chem1", clock=task.Clock()))
+        with capture_logs() as logs:
+            proto.dataReceived(frame(oru("1")))
+        sent = [e for e in logs if e["event"] == "mllp.ack.sent" and e["log_level"] == "info"]
+        assert [e["ack_code"] for e in sent] == expected
 
 
 def test_reply_bug_drops_connection_instead_of_stalling() -> None:
