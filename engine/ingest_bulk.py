@@ -47,8 +47,10 @@ from engine.pipeline import (
     hl7_ack_code,
     ingest,
 )
+from engine.writer import COMMIT_WITH_LAST_WRITE
 from lis_bridge import bulk_pg, results_bulk
 from lis_bridge.models import MessageSpecimen, MessageStatus, RawMessage
+from lis_bridge.pg_connection import OneTripCursor
 
 _RAW = cast(Table, RawMessage.__table__)
 _SPECIMENS = cast(Table, MessageSpecimen.__table__)
@@ -210,7 +212,11 @@ def ingest_bulk(session: Session, items: list[BulkItem]) -> list[IngestResult]:
             stretch, taken = [], set()
         stretch.append(p)
         taken |= p.keys
-    _run_stretch(session, stretch, results, now)
+    # The last write of the batch may carry its COMMIT (PostgreSQL: one round trip less),
+    # when nothing waits to be flushed after it.
+    _run_stretch(session, stretch, results, now,
+                 commit=bool(session.info.get(COMMIT_WITH_LAST_WRITE))
+                 and not (session.new or session.dirty or session.deleted))
     done: list[IngestResult] = []
     for result in results:
         assert result is not None
@@ -238,12 +244,15 @@ def _prepare(index: int, item: BulkItem) -> _Prepared:
 
 
 def _run_stretch(session: Session, stretch: list[_Prepared],
-                 results: list[IngestResult | None], now: datetime) -> None:
+                 results: list[IngestResult | None], now: datetime, *,
+                 commit: bool = False) -> None:
+    """Write ``stretch``. ``commit``: nothing is written after it in this transaction, so
+    the PostgreSQL fast lane may commit with its write."""
     if not stretch:
         return
     conn = session.connection()
     if conn.dialect.driver == "psycopg2":
-        pg_fast = _run_stretch_pg(conn, session, stretch, results, now)
+        pg_fast = _run_stretch_pg(conn, session, stretch, results, now, commit=commit)
         if pg_fast is None:
             return
         fast = pg_fast
@@ -271,10 +280,12 @@ def _run_stretch(session: Session, stretch: list[_Prepared],
 
 
 def _run_stretch_pg(conn: Any, session: Session, stretch: list[_Prepared],
-                    results: list[IngestResult | None], now: datetime) -> list[_Prepared] | None:
+                    results: list[IngestResult | None], now: datetime, *,
+                    commit: bool = False) -> list[_Prepared] | None:
     """The stretch on PostgreSQL: every check in one round trip (:mod:`lis_bridge.bulk_pg`)
-    and, when every message takes the fast lane (the usual case), every write in one more
-    plus the COPY of the results; then None. Otherwise nothing is written and the
+    and, when every message takes the fast lane (the usual case), every write, the COPY of
+    the results and (``commit``, on the writer's one-trip connection) the COMMIT in one
+    more; then None. Otherwise nothing is written and the
     messages that may take the fast lane are returned, for the caller to write the
     stretch in arrival order."""
     cursor = conn.connection.dbapi_connection.cursor()
@@ -297,7 +308,8 @@ def _run_stretch_pg(conn: Any, session: Session, stretch: list[_Prepared],
         specimen_rows, by_interface = _link(
             fast, results, {p.digest: ident for p, ident in zip(fast, ids, strict=True)})
         writes = results_bulk.plan_writes_many(by_interface, now=now)
-        bulk_pg.write_stretch(cursor, raw_rows, specimen_rows, writes)
+        bulk_pg.write_stretch(cursor, raw_rows, specimen_rows, writes,
+                              commit=commit and isinstance(cursor, OneTripCursor))
     finally:
         cursor.close()
     _log_lines(fast, results, writes.moved)

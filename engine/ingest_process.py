@@ -383,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
             except LabrelayError as exc:
                 log.error("ingest.interface.failed", interface=iface.name, reason=str(exc))
     lock = _hold_ingest_lock(url)
-    engine = make_engine(url, writer=True)
+    # No ping per checkout (a round trip per batch): the writer runs a batch again when
+    # its connection turns out dead before anything was committed (engine.writer).
+    engine = make_engine(url, writer=True, pool_pre_ping=False)
     immediate: Any = _Immediate()
     writer = DatabaseWriter(session_factory(engine), immediate, name="labrelay-ingest-writer")
     writer.start()

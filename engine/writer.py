@@ -38,6 +38,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 256
+# session.info key: True while the batch's last group runs. Its final write may end the
+# transaction itself (see engine.ingest_bulk); nothing may be written after it.
+COMMIT_WITH_LAST_WRITE = "labrelay.commit_with_last_write"
 MAX_QUEUE = 10_000
 
 
@@ -149,15 +152,21 @@ class DatabaseWriter:
         finally:
             self.stats.busy_seconds += time.perf_counter() - started
 
-    def _run_batch_timed(self, batch: list[_Unit[Any]]) -> None:
-        self.stats.batches += 1
-        self.stats.units += len(batch)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+    def _run_batch_timed(self, batch: list[_Unit[Any]], *, again: bool = False) -> None:
+        if not again:
+            self.stats.batches += 1
+            self.stats.units += len(batch)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         session = self._sessions()
         results: list[Any] = []
         failed_unit = False
         try:
-            for group in _groups(batch):
+            groups = _groups(batch)
+            for number, group in enumerate(groups, start=1):
+                # The last group's final write may commit the batch itself (PostgreSQL fast
+                # lane: "...; COMMIT" in the same round trip); session.commit() below then
+                # finds nothing left to commit.
+                session.info[COMMIT_WITH_LAST_WRITE] = number == len(groups)
                 try:
                     bulk = group[0].bulk
                     if bulk is not None:
@@ -182,9 +191,18 @@ class DatabaseWriter:
         except SQLAlchemyError as exc:
             session.rollback()
             session.close()
+            if (not again and isinstance(exc, DBAPIError) and exc.connection_invalidated):
+                # A pooled connection the database dropped (a restart, a network cut): the
+                # pool has discarded it, and the batch runs once more on a new one. Had the
+                # first run committed after all, the second finds each message stored and
+                # answers it as a duplicate: nothing is applied twice.
+                log.warning("db.connection.lost", units=len(batch), error=type(exc).__name__)
+                self._run_batch_timed(batch, again=True)
+                return
             self._fail_all(batch, exc)
             return
         finally:
+            session.info.pop(COMMIT_WITH_LAST_WRITE, None)
             session.close()
         if failed_unit:
             for unit in batch:

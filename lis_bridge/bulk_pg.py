@@ -44,7 +44,13 @@ from lis_bridge.models import (
     SampleEvent,
     utcnow,
 )
-from lis_bridge.results_bulk import BulkWrites, SampleFacts, copy_rows, sample_facts
+from lis_bridge.results_bulk import (
+    BulkWrites,
+    SampleFacts,
+    copy_buffer,
+    copy_statement,
+    sample_facts,
+)
 
 _RAW = cast(Table, RawMessage.__table__)
 _SPECIMENS = cast(Table, MessageSpecimen.__table__)
@@ -199,10 +205,13 @@ def _plain(value: Any) -> Any:
 
 
 def write_stretch(cursor: Any, raw_rows: Sequence[dict[str, Any]],
-                  specimen_rows: Sequence[dict[str, Any]], writes: BulkWrites) -> None:
-    """Write the fast lane's rows: ``raw_rows`` (with their ids), ``specimen_rows`` and
-    ``writes`` in one ``execute``, then the result rows by COPY. In the caller's
-    transaction."""
+                  specimen_rows: Sequence[dict[str, Any]], writes: BulkWrites, *,
+                  commit: bool = False) -> None:
+    """Write the fast lane's rows in one query string: ``raw_rows`` (with their ids),
+    ``specimen_rows`` and ``writes``, then the result rows by COPY. In the caller's
+    transaction; with ``commit``, the string ends with COMMIT (the cursor's connection must
+    then be a :class:`lis_bridge.pg_connection.OneTripConnection`, whose ``commit()``
+    finds nothing left to do)."""
     statements = [_values(cursor, _RAW, raw_rows)]
     if specimen_rows:
         statements.append(_values(cursor, _SPECIMENS, specimen_rows))
@@ -225,9 +234,19 @@ def write_stretch(cursor: Any, raw_rows: Sequence[dict[str, Any]],
                 for kind, key, payload in writes.jobs]
         statements.append(_values(cursor, _OUTBOX, jobs)
                           + b" ON CONFLICT (dedupe_key) DO NOTHING")
-    cursor.execute(b";\n".join(statements))
     if writes.results:
-        copy_rows(cursor, _RESULTS, writes.results)
+        statements.append(copy_statement(_RESULTS, writes.results).encode())
+    if commit:
+        statements.append(b"COMMIT")
+    query = b";\n".join(statements)
+    if writes.results:
+        # The COPY data follows the statements before it in the same exchange; libpq then
+        # reads the outcome of every statement after it, the COMMIT's included.
+        cursor.copy_expert(query, copy_buffer(writes.results))
+    else:
+        cursor.execute(query)
+    if commit and cursor.connection.in_transaction():
+        raise RuntimeError("the fast lane's COMMIT did not end the transaction")
 
 
 __all__ = ["StretchFacts", "read_stretch", "write_stretch"]

@@ -342,12 +342,21 @@ def copy_rows(cursor: Any, table: Table, rows: list[dict[str, Any]]) -> None:
     and no plan. Values are written as COPY text: NULL as ``\N``; backslash, tab, newline
     and carriage return escaped, so no value can end a field or a row early.
     """
+    cursor.copy_expert(copy_statement(table, rows), copy_buffer(rows))
+
+
+def copy_statement(table: Table, rows: list[dict[str, Any]]) -> str:
+    """``COPY table (columns of rows[0]) FROM STDIN``."""
+    return f"COPY {table.name} ({', '.join(rows[0])}) FROM STDIN"
+
+
+def copy_buffer(rows: list[dict[str, Any]]) -> io.StringIO:
+    """``rows`` (same keys each) as COPY text, for :func:`copy_statement`."""
     names = list(rows[0])
     lines = [
         "\t".join(_copy_text(row[name]) for name in names) for row in rows
     ]
-    buffer = io.StringIO("\n".join(lines) + "\n")
-    cursor.copy_expert(f"COPY {table.name} ({', '.join(names)}) FROM STDIN", buffer)
+    return io.StringIO("\n".join(lines) + "\n")
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -367,5 +376,6 @@ def _copy_text(value: Any) -> str:
     return str(value)  # int, Decimal
 
 
-__all__ = ["BulkPlan", "BulkWrites", "SampleFacts", "copy_rows", "load_samples", "plan",
+__all__ = ["BulkPlan", "BulkWrites", "SampleFacts", "copy_buffer", "copy_rows", "copy_statement",
+           "load_samples", "plan",
            "plan_writes", "plan_writes_many", "sample_facts", "write_many"]

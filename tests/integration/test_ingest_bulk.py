@@ -362,17 +362,20 @@ def test_mostly_plain_batches_equal_one_at_a_time_on_postgresql(
 
 
 @pytest.mark.postgres
-def test_a_plain_batch_on_postgresql_takes_four_round_trips(
+def test_a_plain_batch_on_postgresql_is_one_execute_and_one_copy(
         postgres_copies: PostgresCopies) -> None:
-    """Eight plain messages on PostgreSQL: BEGIN, one round trip that locks and reads
-    everything the checks need, one that writes every row but the results, the results'
-    COPY, then COMMIT; counted on a real psycopg2 connection. The raw messages' ids keep
-    their arrival order."""
+    """Eight plain messages on PostgreSQL, counted on the writer's real connection: one
+    execute (BEGIN and the query that locks and reads everything the checks need) and one
+    copy_expert (every row, the results by COPY, and the COMMIT when the writer allows it;
+    otherwise a COMMIT follows). The raw messages' ids keep their arrival order."""
     import psycopg2.extensions
+
+    from engine.writer import COMMIT_WITH_LAST_WRITE
+    from lis_bridge.pg_connection import OneTripConnection, OneTripCursor
 
     sent: list[str] = []
 
-    class Counting(psycopg2.extensions.cursor):  # type: ignore[misc]
+    class Counting(OneTripCursor):
         def execute(self, query: Any, vars: Any = None) -> Any:
             sent.append("execute")
             return super().execute(query, vars)
@@ -385,34 +388,44 @@ def test_a_plain_batch_on_postgresql_takes_four_round_trips(
             sent.append("copy")
             return super().copy_expert(sql, file, size)
 
-    class CountingConnection(psycopg2.extensions.connection):  # type: ignore[misc]
-        def cursor(self, *args: Any, **kwargs: Any) -> Any:
-            kwargs.setdefault("cursor_factory", Counting)
-            return super().cursor(*args, **kwargs)
+    class CountingConnection(OneTripConnection):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.cursor_factory = Counting
 
-    with postgres_copies() as (_, url):
-        engine = make_engine(url, writer=True, pool_pre_ping=False,
-                             connect_args={"connection_factory": CountingConnection})
-        rt = runtime()
-        observations = [("GLU", "5.4", "F"), ("ALT", "38", "F")]  # ordered for every one
-        items = [prepare_item(rt, oru(f"m{n}", specimen, observations), "127.0.0.1:1", True)
-                 for n, specimen in enumerate(RECEIVED)]
-        try:
-            with session_factory(engine)() as session:
-                session.connection()  # BEGIN is psycopg2's own, sent with the first statement
-                sent.clear()
-                results = ingest_bulk(session, items)
-                session.commit()
-            assert [r.status for r in results] == [MessageStatus.APPLIED] * len(RECEIVED)
-            assert sent == ["execute", "execute", "copy"], sent
-            ids = [r.message_id for r in results]
-            assert ids == sorted(ids)
-            with engine.connect() as conn:
-                assert conn.scalar(text("SELECT count(*) FROM results")) == 2 * len(RECEIVED)
-                assert list(conn.execute(text(
-                    "SELECT id FROM raw_messages ORDER BY id")).scalars()) == ids
-        finally:
-            engine.dispose()
+        def commit(self) -> None:
+            if self.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                sent.append("commit")
+            super().commit()
+
+    rt = runtime()
+    observations = [("GLU", "5.4", "F"), ("ALT", "38", "F")]  # ordered for every one
+    for last_write_commits in (False, True):
+        with postgres_copies() as (_, url):
+            engine = make_engine(url, writer=True, pool_pre_ping=False,
+                                 connect_args={"connection_factory": CountingConnection})
+            items = [prepare_item(rt, oru(f"m{n}", specimen, observations), "127.0.0.1:1",
+                                  True) for n, specimen in enumerate(RECEIVED)]
+            try:
+                with session_factory(engine)() as session:
+                    session.info[COMMIT_WITH_LAST_WRITE] = last_write_commits
+                    session.connection()  # a new engine's first connection asks a few things
+                    sent.clear()
+                    results = ingest_bulk(session, items)
+                    session.commit()
+                statuses = [r.status for r in results]
+                assert statuses == [MessageStatus.APPLIED] * len(RECEIVED), statuses
+                # BEGIN rides with the checks; the writes, the COPY of the results and (as
+                # the writer allows for a batch's last write) the COMMIT are one query string
+                assert sent == ["execute", "copy"] + ([] if last_write_commits else ["commit"])
+                ids = [r.message_id for r in results]
+                assert ids == sorted(ids)
+                with engine.connect() as conn:
+                    assert conn.scalar(text("SELECT count(*) FROM results")) == 2 * len(RECEIVED)
+                    assert list(conn.execute(text(
+                        "SELECT id FROM raw_messages ORDER BY id")).scalars()) == ids
+            finally:
+                engine.dispose()
 
 
 @pytest.mark.postgres
