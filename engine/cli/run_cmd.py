@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from engine.cli import CliState, config_option, database_option, pass_state
@@ -58,10 +60,38 @@ def run_cmd(state: CliState) -> None:
             reactor.stop()  # type: ignore[attr-defined]
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(_stop_once_on_signals, reactor)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     if failed:
         raise click.ClickException(f"the engine did not start: {failed[0][:300]}")
+
+
+def _stop_once_on_signals(reactor: Any) -> None:
+    """SIGINT and SIGTERM stop the engine once. Twisted's own handlers stop the reactor on
+    every signal, and a second one (Ctrl-C pressed twice, `timeout` signalling the engine
+    and then its process group) ended in a critical ReactorNotRunning traceback while the
+    engine was already stopping cleanly."""
+    import signal
+
+    import structlog
+
+    log = structlog.get_logger(__name__)
+    stopping: list[int] = []
+
+    def handler(number: int, _frame: Any) -> None:
+        name = signal.Signals(number).name
+        if stopping:
+            reactor.callFromThread(lambda: log.info(
+                "engine.stop.in_progress", signal=name,
+                hint="already stopping: queued messages are being written first"))
+            return
+        stopping.append(number)
+        reactor.callFromThread(lambda: log.info("engine.stop.requested", signal=name))
+        reactor.callFromThread(reactor.stop)
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, handler)
 
 
 def _check_database(url: str) -> None:

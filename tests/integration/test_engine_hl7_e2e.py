@@ -247,3 +247,19 @@ def test_the_ingest_process_leaves_signals_to_the_engine(db_url: str, tmp_path: 
     stopped = engine.wait_for("ingest.process.stopped")
     assert stopped["how"] == "exit code 0"
     assert not engine.events("ingest.process.exited")
+
+
+def test_a_second_stop_signal_is_not_an_error(sqlite_url: str, tmp_path: Path) -> None:
+    """Ctrl-C twice, or `timeout` signalling the engine and then its process group: one
+    clean stop, no critical traceback."""
+    import os
+
+    config = write_config(tmp_path, free_port())
+    with running_engine(config, sqlite_url, tmp_path) as engine:
+        engine.wait_for("ingest.process.ready")
+        os.kill(engine.process.pid, signal.SIGTERM)
+        os.kill(engine.process.pid, signal.SIGINT)
+        assert engine.process.wait(30) == 0
+    engine.wait_for("engine.stopped")
+    assert len(engine.events("engine.stop.requested")) == 1
+    assert not [line for line in engine.raw_lines if '"critical"' in line]
