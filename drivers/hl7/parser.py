@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 
 from engine.errors import RemoteProtocolError
 
@@ -581,7 +582,19 @@ def parse_hl7_datetime(value: str) -> datetime | None:
     """Read an HL7 DTM/TS (``YYYY[MM[DD[HH[MM[SS[.S]]]]]][+-ZZZZ]``); None when unreadable.
 
     With an offset the result is timezone-aware; without one it is naive (analyzer local time).
+    Cached: the observations of one message, and of the messages around it, mostly carry
+    the same few times, and a datetime is immutable. Only values of a timestamp's length
+    are kept (4,096 at most), so a sender cannot fill memory with long ones.
     """
+    if len(value) > _DTM_CACHE_LENGTH:
+        return _parse_hl7_datetime(value)
+    return _cached_hl7_datetime(value)
+
+
+_DTM_CACHE_LENGTH = 40  # YYYYMMDDHHMMSS.SSSS+ZZZZ is 24
+
+
+def _parse_hl7_datetime(value: str) -> datetime | None:
     match = _DTM.match(value.strip())
     if not match:
         return None
@@ -604,3 +617,6 @@ def parse_hl7_datetime(value: str) -> datetime | None:
         )
     except ValueError:
         return None
+
+
+_cached_hl7_datetime = lru_cache(maxsize=4096)(_parse_hl7_datetime)

@@ -302,3 +302,23 @@ def test_two_messages_in_one_block_refused() -> None:
         parse_message((ORU + ORU).encode())
     assert info.value.segment_index == 4
     assert "more than one message" in str(info.value)
+
+
+@given(st.one_of(
+    st.from_regex(r"\A\s?\d{4,14}(\.\d{1,6})?([+-]\d{4})?\s?\Z"),
+    st.text(max_size=60),
+))
+def test_the_datetime_cache_answers_as_the_parser_does(value: str) -> None:
+    from drivers.hl7.parser import _parse_hl7_datetime
+
+    assert parse_hl7_datetime(value) == _parse_hl7_datetime(value)
+    assert parse_hl7_datetime(value) == _parse_hl7_datetime(value)  # from the cache now
+
+
+def test_the_datetime_cache_keeps_no_long_values() -> None:
+    from drivers.hl7.parser import _cached_hl7_datetime
+
+    before = _cached_hl7_datetime.cache_info().currsize
+    assert parse_hl7_datetime(" " * 100_000 + "20250101") == datetime(2025, 1, 1)  # read, not kept
+    assert _cached_hl7_datetime.cache_info().currsize == before
+    assert _cached_hl7_datetime.cache_info().maxsize == 4096
