@@ -49,6 +49,25 @@ class OneTripConnection(ext.connection):
                 "set_session cannot be used inside a transaction")
         self._autocommit = bool(value)
 
+    def set_session(self, isolation_level: Any = None, readonly: Any = None,
+                    deferrable: Any = None, autocommit: Any = None) -> None:
+        # psycopg2 would put these in a BEGIN of its own, which this connection never
+        # sends: refused rather than silently ignored.
+        if isolation_level is not None or readonly is not None or deferrable is not None:
+            raise psycopg2.NotSupportedError(
+                "labrelay's writer connection runs at the server's default isolation; "
+                "set isolation, read-only or deferrable on another engine")
+        if autocommit is not None:
+            self.autocommit = autocommit
+
+    def set_isolation_level(self, level: int) -> None:
+        if level == ext.ISOLATION_LEVEL_AUTOCOMMIT:
+            self.autocommit = True
+        elif level == ext.ISOLATION_LEVEL_DEFAULT:
+            self.autocommit = False
+        else:
+            self.set_session(isolation_level=level)
+
     def in_transaction(self) -> bool:
         """True while a transaction is open on the server (begun, not yet ended)."""
         return self.get_transaction_status() != ext.TRANSACTION_STATUS_IDLE

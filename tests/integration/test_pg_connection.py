@@ -106,6 +106,23 @@ def test_autocommit_as_callers_ask_for_it(conn: Any, pg_url: str) -> None:
     assert _count(pg_url) == 1
 
 
+def test_session_settings_it_cannot_honour_are_refused(conn: Any, pg_url: str) -> None:
+    import psycopg2.extensions as ext
+
+    with pytest.raises(psycopg2.NotSupportedError, match="default isolation"):
+        conn.set_session(isolation_level="SERIALIZABLE")
+    with pytest.raises(psycopg2.NotSupportedError):
+        conn.set_isolation_level(ext.ISOLATION_LEVEL_SERIALIZABLE)
+    conn.set_isolation_level(ext.ISOLATION_LEVEL_AUTOCOMMIT)
+    assert conn.autocommit
+    conn.set_session(autocommit=False)
+    assert not conn.autocommit
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO t VALUES (1, 'a')")
+    conn.rollback()
+    assert _count(pg_url) == 0
+
+
 def test_the_writer_engine_with_ping_and_sqlalchemy_sessions(pg_url: str) -> None:
     engine = make_engine(pg_url, writer=True)  # pool_pre_ping on, as the engine's own
     try:
