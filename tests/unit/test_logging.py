@@ -46,3 +46,22 @@ def test_configured_chain_includes_the_filter(capsys: object) -> None:
     logging.getLogger().handlers[0].flush()
     out = capsys.readouterr().err  # type: ignore[attr-defined]
     assert "Someone Real" not in out and '"sample_id": "S1"' in out
+
+
+def test_a_json_line_holds_what_an_operator_reads(capsys: object) -> None:
+    """Event, level, logger, timestamp and the fields passed; no source file, line, thread
+    or process is looked up for it (configure_logging turns those lookups off), and a
+    foreign (standard library) line is rendered the same way."""
+    import json
+
+    configure_logging("json", level=logging.INFO)
+    structlog.get_logger("engine.pipeline").info("message.applied", message_id=7)
+    logging.getLogger("twisted").warning("a library line")
+    logging.getLogger().handlers[0].flush()
+    lines = [json.loads(line) for line in
+             capsys.readouterr().err.splitlines()]  # type: ignore[attr-defined]
+    assert lines[0].keys() == {"event", "level", "logger", "timestamp", "message_id"}
+    assert lines[0]["logger"] == "engine.pipeline" and lines[0]["message_id"] == 7
+    assert lines[1]["event"] == "a library line" and lines[1]["level"] == "warning"
+    assert lines[1]["logger"] == "twisted"
+    assert logging._srcfile is None and not logging.logThreads
