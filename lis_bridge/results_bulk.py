@@ -23,6 +23,7 @@ until the commit.
 from __future__ import annotations
 
 import io
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -351,11 +352,38 @@ def copy_statement(table: Table, rows: list[dict[str, Any]]) -> str:
 
 
 def copy_buffer(rows: list[dict[str, Any]]) -> io.StringIO:
-    """``rows`` (same keys each) as COPY text, for :func:`copy_statement`."""
+    """``rows`` (same keys each) as COPY text, for :func:`copy_statement`: the columns in
+    the order of the first row's keys.
+
+    The ingest process's busiest Python: 25 rows of 18 values per message. The common
+    types are written inline, and a datetime object is formatted once however many rows
+    share it (a message's rows share their times), by identity, which cannot confuse
+    two values."""
+    escapes = _COPY_ESCAPES
+    times: dict[int, str] = {}
     names = list(rows[0])
-    lines = [
-        "\t".join(_copy_text(row[name]) for name in names) for row in rows
-    ]
+    pick = operator.itemgetter(*names)
+    lines = []
+    for row in rows:
+        fields = []
+        for value in (pick(row) if len(names) > 1 else (pick(row),)):
+            kind = type(value)
+            if kind is str:
+                fields.append(value.translate(escapes))
+            elif value is None:
+                fields.append("\\N")
+            elif kind is bool:
+                fields.append("t" if value else "f")
+            elif kind is int:
+                fields.append(str(value))
+            elif kind is datetime:
+                text = times.get(id(value))
+                if text is None:
+                    text = times[id(value)] = value.isoformat()
+                fields.append(text)
+            else:
+                fields.append(_copy_text(value))  # Decimal, str and int subclasses
+        lines.append("\t".join(fields))
     return io.StringIO("\n".join(lines) + "\n")
 
 
