@@ -202,7 +202,6 @@ class DatabaseWriter:
             self._fail_all(batch, exc)
             return
         finally:
-            session.info.pop(COMMIT_WITH_LAST_WRITE, None)
             session.close()
         if failed_unit:
             for unit in batch:
