@@ -59,15 +59,20 @@ class AdminResource(Resource):
 
     def render_POST(self, request: Request) -> bytes | int:
         """POST /interfaces/<name>/orders {"specimen_ids": [...]}: download orders to an
-        analyzer on that interface (ASTM). Answers when the orders are queued on the link."""
+        analyzer on that interface (ASTM). Answers when the orders are queued on the link.
+
+        POST /mappings/reload: read every interface's mapping file again (200 when all
+        loaded, 409 when one did not: that interface keeps the mapping it had)."""
         request.setHeader("content-type", "application/json")
         if not self._authorised(request):
             request.setResponseCode(401)
             return b'{"error": "send Authorization: Bearer <admin token from the config>"}'
         parts = request.path.decode("ascii", "replace").strip("/").split("/")
+        if parts == ["mappings", "reload"]:
+            return self._reload(request)
         if len(parts) != 3 or parts[0] != "interfaces" or parts[2] != "orders":
             request.setResponseCode(404)
-            return b'{"error": "POST /interfaces/<name>/orders"}'
+            return b'{"error": "POST /interfaces/<name>/orders or POST /mappings/reload"}'
         assert request.content is not None
         body = request.content.read(MAX_BODY + 1)
         try:
@@ -89,6 +94,21 @@ class AdminResource(Resource):
             request.finish()
 
         d.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+
+    def _reload(self, request: Request) -> int:
+        def done(result: dict[str, Any]) -> None:
+            request.setResponseCode(200 if result.get("ok") else 409)
+            request.write(json.dumps(result).encode())
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            request.setResponseCode(500)
+            request.write(json.dumps({"ok": False, "error": failure.getErrorMessage()}).encode())
+            request.finish()
+
+        self.service.reload_mappings().addCallbacks(done, failed)
         return NOT_DONE_YET
 
 

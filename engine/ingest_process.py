@@ -22,9 +22,10 @@ whole life (an advisory lock on PostgreSQL, a file lock beside an SQLite file), 
 an engine killed with SIGKILL leaves behind finishes its last batch before the next one
 takes over, and the duplicate check always sees what the other committed.
 
-It reads the configuration and the mapping files when it starts, as the engine does:
-after changing them, restart the engine (a process started again after a crash reads
-them as they are then, so keep them unchanged while the engine runs).
+It reads the configuration and the mapping files when it starts, as the engine does.
+``labrelay mapping reload`` (or SIGHUP to the engine) has both read the mapping files
+again; other configuration changes need a restart of the engine. A process started again
+after a crash reads the mapping files as they are then.
 
 Wire format, both ways, on the child's stdin and stdout: frames of two 4-byte big-endian
 lengths, a JSON header and the payload bytes (the raw message; the replies an outcome
@@ -208,6 +209,21 @@ class IngestProcess:
                                            "peer": peer, "apply_now": apply_now}, raw))
         return d
 
+    def reload_mappings(self) -> Deferred[dict[str, Any]]:
+        """Have the ingest process read its interfaces' mapping files again; fires with
+        its outcome per interface (:func:`engine.pipeline.reload_mappings`). Messages sent
+        to it after this take the new mappings."""
+        if not self.running or self.transport is None:
+            return fail(LabrelayError(
+                "the ingest process is not running; it reads the mapping files when it is "
+                "started again"))
+        request_id = self.next_id
+        self.next_id += 1
+        d: Deferred[Any] = Deferred()
+        self.pending[request_id] = d
+        self.transport.write(encode_frame({"id": request_id, "control": "reload_mappings"}))
+        return d
+
     def _answer(self, header: dict[str, Any], payload: bytes) -> None:
         d = self.pending.pop(int(header.get("id", 0)), None)
         if isinstance(header.get("writer"), dict):
@@ -216,7 +232,9 @@ class IngestProcess:
             log.error("ingest.process.unknown_answer", request=header.get("id"))
             return
         self._failures = 0  # it answers: after a later exit, the shortest delay again
-        if header.get("ok"):
+        if header.get("ok") and isinstance(header.get("reloaded"), dict):
+            d.callback(header["reloaded"])
+        elif header.get("ok"):
             try:
                 result = result_from_frame(header, payload)
             except (KeyError, TypeError, ValueError) as exc:
@@ -359,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import load_config
     from engine.ingest_bulk import BulkItem, ingest_bulk
     from engine.logging import configure_logging
-    from engine.pipeline import load_runtime
+    from engine.pipeline import load_runtime, reload_mappings
     from engine.writer import DatabaseWriter
     from lis_bridge.db import make_engine, session_factory
 
@@ -427,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
                 break  # the engine closed our input: finish and exit
             for header, payload in frames.feed(data):
                 request_id = int(header["id"])
+                if header.get("control") == "reload_mappings":
+                    # Between two messages: each message takes the runtime (and mapping)
+                    # of its interface as it is when it arrives here.
+                    send(encode_frame({"id": request_id, "ok": True,
+                                       "reloaded": reload_mappings(runtimes, config.interfaces)}))
+                    continue
                 rt = runtimes.get(str(header.get("interface", "")))
                 if rt is None:
                     send(encode_frame({"id": request_id, "ok": False, "storage": False,

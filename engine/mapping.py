@@ -20,6 +20,7 @@ Safety rules:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -937,12 +938,19 @@ _TOP_KEYS_HELP = "metadata, options, flags, status, ignore, tests"
 
 def load_mapping(path: Path) -> AnalyzerMapping:
     """Read and validate a mapping file; MappingError lists every problem found."""
+    return load_mapping_file(path)[0]
+
+
+def load_mapping_file(path: Path) -> tuple[AnalyzerMapping, str]:
+    """:func:`load_mapping`, and the SHA-256 of the bytes it read (hex): which version of
+    the file is in use, for the log and for ``labrelay mapping reload``."""
     try:
-        size = path.stat().st_size
-        if size > _MAX_FILE_BYTES:
-            raise MappingError(f"{path}: mapping file is {size} bytes; the limit is "
-                               f"{_MAX_FILE_BYTES} (is this the right file?)")
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            data = stream.read(_MAX_FILE_BYTES + 1)
+        if len(data) > _MAX_FILE_BYTES:
+            raise MappingError(f"{path}: mapping file is over {_MAX_FILE_BYTES} bytes, the "
+                               "limit (is this the right file?)")
+        text = data.decode("utf-8")
     except FileNotFoundError as exc:
         raise MappingError(f"{path}: mapping file not found; check the interface's "
                            "`mapping:` path") from exc
@@ -951,7 +959,7 @@ def load_mapping(path: Path) -> AnalyzerMapping:
                            f"{exc.start})") from exc
     except OSError as exc:
         raise MappingError(f"{path}: cannot read the mapping file: {exc.strerror}") from exc
-    return load_mapping_text(text, path)
+    return load_mapping_text(text, path), hashlib.sha256(data).hexdigest()
 
 
 def load_mapping_text(text: str, source: Path) -> AnalyzerMapping:

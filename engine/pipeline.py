@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,6 +73,7 @@ class InterfaceRuntime:
     driver: Driver
     mapping: Any | None = None  # engine.mapping.AnalyzerMapping
     capture: Any | None = None  # engine.capture.CaptureWriter
+    mapping_sha256: str = ""  # of the mapping file's bytes as loaded
 
     @property
     def name(self) -> str:
@@ -866,9 +867,72 @@ def load_runtime(config: InterfaceConfig) -> InterfaceRuntime:
     if config.encoding and "encoding" not in options:
         options["encoding"] = config.encoding
     driver = create_driver(config.driver, config.protocol, options)
-    mapping = None
+    mapping, digest = None, ""
     if config.mapping is not None:
-        from engine.mapping import load_mapping
+        from engine.mapping import load_mapping_file
 
-        mapping = load_mapping(Path(config.mapping))
-    return InterfaceRuntime(config=config, driver=driver, mapping=mapping)
+        mapping, digest = load_mapping_file(Path(config.mapping))
+    return InterfaceRuntime(config=config, driver=driver, mapping=mapping,
+                            mapping_sha256=digest)
+
+
+def reload_mappings(runtimes: dict[str, InterfaceRuntime],
+                    configs: Sequence[InterfaceConfig] = ()) -> dict[str, dict[str, Any]]:
+    """Read every interface's mapping file again (``labrelay mapping reload``, SIGHUP).
+
+    Each interface whose file is valid gets a new :class:`InterfaceRuntime` in
+    ``runtimes``: a message already taken keeps the mapping it started with, the next one
+    gets the new one. An interface whose file is not valid keeps the mapping it had, and
+    its entry says why. Transports, drivers and the rest of the configuration are not
+    re-read (a restart does that). An enabled interface of ``configs`` with no runtime
+    (it could not start, e.g. for a mapping file with a mistake) is loaded afresh and,
+    if it loads, added with ``started: true`` for the caller to start. Returns, per
+    interface: ``reloaded``, ``changed``, ``tests``, ``sha256`` and, when it was not
+    reloaded, ``error``.
+    """
+    from dataclasses import replace
+
+    from engine.mapping import load_mapping_file
+
+    outcome: dict[str, dict[str, Any]] = {}
+    for config in configs:
+        if not config.enabled or config.name in runtimes:
+            continue
+        try:
+            added = load_runtime(config)
+        except LabrelayError as exc:
+            log.error("mapping.reload.failed", interface=config.name, reason=str(exc)[:1000],
+                      action="the interface stays down")
+            outcome[config.name] = {"reloaded": False, "changed": False, "tests": 0,
+                                    "sha256": "", "error": str(exc)[:2000]}
+            continue
+        runtimes[config.name] = added
+        tests = len(added.mapping.tests) if added.mapping is not None else 0
+        log.info("mapping.reloaded", interface=config.name, mapping=str(config.mapping),
+                 tests=tests, sha256=added.mapping_sha256[:16], changed=True, started=True)
+        outcome[config.name] = {"reloaded": True, "changed": True, "tests": tests,
+                                "sha256": added.mapping_sha256, "started": True}
+    for name, rt in list(runtimes.items()):
+        if name in outcome:
+            continue
+        if rt.config.mapping is None:
+            outcome[name] = {"reloaded": False, "changed": False, "tests": 0, "sha256": "",
+                             "detail": "no mapping configured"}
+            continue
+        path = Path(rt.config.mapping)
+        try:
+            mapping, digest = load_mapping_file(path)
+        except LabrelayError as exc:
+            log.error("mapping.reload.failed", interface=name, mapping=str(path),
+                      reason=str(exc)[:1000], action="still using the mapping loaded before")
+            outcome[name] = {"reloaded": False, "changed": False,
+                             "tests": len(rt.mapping.tests) if rt.mapping else 0,
+                             "sha256": rt.mapping_sha256, "error": str(exc)[:2000]}
+            continue
+        changed = digest != rt.mapping_sha256
+        runtimes[name] = replace(rt, mapping=mapping, mapping_sha256=digest)
+        log.info("mapping.reloaded", interface=name, mapping=str(path), tests=len(mapping.tests),
+                 sha256=digest[:16], changed=changed)
+        outcome[name] = {"reloaded": True, "changed": changed, "tests": len(mapping.tests),
+                         "sha256": digest}
+    return outcome

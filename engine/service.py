@@ -74,6 +74,7 @@ class EngineService(MultiService):
         self._attention_loop: Any = None
         self.ingest_command = ingest_command
         self.ingest: Any = None  # engine.ingest_process.IngestProcess
+        self._reload_lock = defer.DeferredLock()
 
     # ------------------------------------------------------------------ start
 
@@ -374,6 +375,57 @@ class EngineService(MultiService):
             if state.status == "up":
                 state.status = "stopped"
         log.info("engine.stopped")
+
+    # ------------------------------------------------------------------ mapping reload
+
+    def reload_mappings(self) -> Deferred[dict[str, Any]]:
+        """``labrelay mapping reload`` / SIGHUP: read every interface's mapping file again,
+        here and in the ingest process (:func:`engine.pipeline.reload_mappings`). Fires
+        with ``{"ok", "interfaces": {name: outcome}, "ingest_process"}``; ``ok`` is false
+        if any file could not be loaded (that interface keeps its mapping) or the two
+        processes read different versions of a file. Reloads run one at a time."""
+        return self._reload_lock.run(self._reload_mappings)
+
+    @defer.inlineCallbacks
+    def _reload_mappings(self) -> Any:
+        from twisted.internet import threads
+
+        from engine.pipeline import PipelineStats, reload_mappings
+
+        fresh = dict(self.runtimes)
+        # the files are read and validated off the reactor, then swapped in on it
+        outcome = yield threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), reload_mappings, fresh,
+            self.config.interfaces)
+        self.runtimes.update(fresh)
+        ok = all("error" not in o for o in outcome.values())
+        ingest_note = "not used (ingest_process: false)"
+        if self.ingest is not None:
+            try:
+                remote = yield self.ingest.reload_mappings()
+            except LabrelayError as exc:
+                ingest_note = str(exc)
+            else:
+                ingest_note = "reloaded"
+                for name, theirs in remote.items():
+                    mine = outcome.setdefault(name, {})
+                    if theirs.get("sha256") != mine.get("sha256") or "error" in theirs:
+                        ok = False
+                        mine["ingest_process"] = theirs
+                        mine.setdefault("error", theirs.get("error") or (
+                            "the ingest process read another version of the file (was it "
+                            "being edited?); run the reload again"))
+        for name, result in outcome.items():
+            if result.get("started") and name in self.runtimes and self.pipeline is not None:
+                state = self.interface_states[name]
+                state.status, state.reason = "starting", ""
+                self.pipeline.stats.setdefault(name, PipelineStats())
+                self._start_interface(self.runtimes[name].config)
+        log.info("mapping.reload.done", ok=ok,
+                 reloaded=sorted(n for n, o in outcome.items() if o.get("reloaded")),
+                 failed=sorted(n for n, o in outcome.items() if "error" in o),
+                 ingest_process=ingest_note)
+        return {"ok": ok, "interfaces": outcome, "ingest_process": ingest_note}
 
     # ------------------------------------------------------------------ order download
 

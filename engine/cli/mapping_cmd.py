@@ -347,6 +347,55 @@ def unmapped_cmd(state: CliState, interface: str | None, samples: int) -> None:
                "`labrelay mapping set`, then `labrelay messages reprocess`")
 
 
+@mapping_group.command("reload")
+@config_option
+@pass_state
+def reload_cmd(state: CliState) -> None:
+    """Have the running engine read every interface's mapping file again.
+
+    The next message on each interface is mapped with the file as it is now; messages
+    already being applied finish with the mapping they started with. A file with a
+    mistake is refused and that interface keeps the mapping it had (exit status 1). An
+    interface that could not start because of its mapping is started. Transports and the
+    rest of the configuration are read only at start: for those, restart the engine.
+    Sending the engine SIGHUP does the same (the outcome is then in its log).
+
+    \b
+    Example:
+      labrelay mapping set mappings/generic_hl7.yaml --code GLUC2 --test GLU --units mmol/L
+      labrelay mapping reload --config config/labrelay.example.yaml
+      labrelay messages reprocess --all-held --config config/labrelay.example.yaml
+    """
+    from engine.cli._admin import admin_request
+
+    try:
+        code, result = admin_request(state, "POST", "/mappings/reload", timeout=60)
+    except OSError as exc:
+        raise click.ClickException(
+            f"the engine is not reachable on its admin address ({exc}); is `labrelay run` "
+            "running with this configuration? (A stopped engine reads the mapping files "
+            "when it starts.)") from exc
+    if code == 401:
+        raise click.ClickException(str(result.get("error", "not authorised")))
+    interfaces = result.get("interfaces")
+    if not isinstance(interfaces, dict):
+        raise click.ClickException(f"the engine answered {code}: {result.get('error', result)}")
+    for name, outcome in sorted(interfaces.items()):
+        if "error" in outcome:
+            click.echo(f"{name}: NOT reloaded, still using the mapping loaded before:\n  "
+                       + str(outcome["error"]).replace("\n", "\n  "))
+        elif outcome.get("reloaded"):
+            what = "started" if outcome.get("started") else (
+                "reloaded" if outcome.get("changed") else "reloaded (file unchanged)")
+            click.echo(f"{name}: {what}, {outcome.get('tests', 0)} tests, "
+                       f"sha256 {str(outcome.get('sha256', ''))[:16]}")
+        else:
+            click.echo(f"{name}: {outcome.get('detail', 'nothing to reload')}")
+    click.echo(f"ingest process: {result.get('ingest_process', '-')}")
+    if code != 200 or not result.get("ok"):
+        raise SystemExit(1)
+
+
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
 

@@ -61,6 +61,7 @@ def run_cmd(state: CliState) -> None:
 
     reactor.callWhenRunning(start)  # type: ignore[attr-defined]
     reactor.callWhenRunning(_stop_once_on_signals, reactor)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(_reload_on_sighup, reactor, service)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     if failed:
@@ -92,6 +93,24 @@ def _stop_once_on_signals(reactor: Any) -> None:
 
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, handler)
+
+
+def _reload_on_sighup(reactor: Any, service: Any) -> None:
+    """SIGHUP: read the mapping files again (``labrelay mapping reload`` without the
+    admin address); the outcome is logged (mapping.reloaded, mapping.reload.failed,
+    mapping.reload.done)."""
+    import signal
+
+    import structlog
+
+    log = structlog.get_logger(__name__)
+
+    def reload() -> None:
+        log.info("mapping.reload.requested", signal="SIGHUP")
+        service.reload_mappings().addErrback(
+            lambda f: log.error("mapping.reload.error", reason=f.getErrorMessage()[:300]))
+
+    signal.signal(signal.SIGHUP, lambda _n, _f: reactor.callFromThread(reload))
 
 
 def _check_database(url: str) -> None:
