@@ -197,10 +197,13 @@ def send_astm(
     listen_after: float = 5.0,
     frame_size: int = 240,
     max_frame_attempts: int = 6,
+    tls_options: Any = None,
 ) -> Deferred[SendReport]:
     """Send ``items`` (message texts or captured frame lists) to a receiver.
 
-    Exactly one of ``host``/``port`` or ``serial_device`` is given. The Deferred fires
+    Exactly one of ``host``/``port`` or ``serial_device`` is given; ``tls_options``
+    (:func:`engine.adapters.mllp.client_tls_options`) puts TLS on the TCP connection. The
+    Deferred fires
     with a :class:`SendReport` (never errbacks for protocol outcomes: a refused frame
     is a report line, not an exception); ``report.error`` says when the line failed.
     """
@@ -242,10 +245,12 @@ def send_astm(
         SerialPort(protocol, serial_device, reactor, baudrate=baudrate)
         return done
 
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 
     assert host is not None and port is not None
     endpoint: Any = TCP4ClientEndpoint(reactor, host, port, timeout=min(timeout, 30.0))
+    if tls_options is not None:
+        endpoint = wrapClientTLS(tls_options, endpoint)
     connecting = connectProtocol(endpoint, protocol)
 
     def connect_failed(failure: Failure) -> None:

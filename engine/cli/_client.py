@@ -18,6 +18,45 @@ def parse_target(to: str) -> tuple[str, int]:
     return host.strip("[]"), int(port_text)
 
 
+def tls_options(host: str, tls: bool, ca_file: str | None, cert_file: str | None,
+                key_file: str | None) -> Any:
+    """The client TLS options for ``--tls [--ca] [--cert --key]`` (None without --tls).
+
+    A misuse is a usage error and an unreadable PEM file names the file, both before
+    anything connects."""
+    if (ca_file or cert_file or key_file) and not tls:
+        raise click.UsageError("--ca, --cert and --key are TLS options: add --tls")
+    if (cert_file is None) != (key_file is None):
+        raise click.UsageError("a client certificate needs both --cert and --key")
+    if not tls:
+        return None
+    from engine.adapters.mllp import client_tls_options
+
+    try:
+        return client_tls_options(host, ca_file=ca_file, cert_file=cert_file,
+                                  key_file=key_file)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def tls_click_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--tls, --ca, --cert and --key, as the send commands take them."""
+    file = click.Path(exists=True, dir_okay=False)
+    for option in reversed((
+        click.option("--tls", is_flag=True,
+                     help="Connect with TLS (the server certificate is verified)."),
+        click.option("--ca", "ca_file", type=file, default=None,
+                     help="PEM CA certificate that signed the server's (default: system "
+                     "trust store)."),
+        click.option("--cert", "cert_file", type=file, default=None,
+                     help="PEM client certificate for a mutual-TLS listener (with --key)."),
+        click.option("--key", "key_file", type=file, default=None,
+                     help="PEM private key of the client certificate."),
+    )):
+        command = option(command)
+    return command
+
+
 def answer_lines(messages: list[bytes], prefix: str = "") -> list[str]:
     """ASTM messages the other side sent back (e.g. a worklist), a record a line: this is how
     an analyst checks what an analyzer or engine answered."""

@@ -1,6 +1,8 @@
 """`labrelay send astm --to HOST:PORT | --serial DEVICE FILE...`: play ASTM captures.
 
-Each file is read in any of the four corpus storage styles (session, frames with lost
+Over TCP, ``--tls`` (with ``--ca``, and ``--cert``/``--key`` for a mutual-TLS listener)
+speaks TLS, as an analyzer on a TLS interface does. Each file is read in any of the four
+corpus storage styles (session, frames with lost
 CR, one frame, plain records). Its frames go on the wire exactly as captured, bad
 checksums included, with the whole LIS01-A2 link layer as an instrument speaks it.
 One line per frame (``<file>#<session>.<frame> FN <n> <answer>``) and per message the
@@ -16,7 +18,13 @@ from typing import Any
 import click
 
 from drivers.astm.files import read_astm_file
-from engine.cli._client import answer_lines, parse_target, run_client
+from engine.cli._client import (
+    answer_lines,
+    parse_target,
+    run_client,
+    tls_click_options,
+    tls_options,
+)
 
 
 @click.command("send_astm")
@@ -38,6 +46,7 @@ from engine.cli._client import answer_lines, parse_target, run_client
     show_default=True,
     help="Seconds to stay on the line after the last EOT for answers (host queries).",
 )
+@tls_click_options
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def send_astm(
     to: str | None,
@@ -46,6 +55,10 @@ def send_astm(
     files: tuple[str, ...],
     timeout: float,
     listen_after: float,
+    tls: bool,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
 ) -> None:
     """Send ASTM capture FILES to a receiver and print what it answered to each frame.
 
@@ -56,9 +69,12 @@ def send_astm(
     Examples:
       labrelay send astm --to 127.0.0.1:5001 ../shared/corpus/astm/roche_cobas_c311__1.txt
       labrelay send astm --serial /dev/ttyUSB0 --baud 9600 results.astm
+      labrelay send astm --to 127.0.0.1:5002 --tls --ca ca.pem --cert me.pem --key me.key F.astm
     """
     if (to is None) == (serial is None):
         raise click.UsageError("give exactly one of --to HOST:PORT or --serial DEVICE")
+    if serial is not None and (tls or ca_file or cert_file or key_file):
+        raise click.UsageError("--tls, --ca, --cert and --key are for --to HOST:PORT")
     labels: list[str] = []
     sessions: list[tuple[bytes, ...]] = []
     for name in files:
@@ -78,6 +94,7 @@ def send_astm(
     target: dict[str, Any] = {}
     if to is not None:
         target["host"], target["port"] = parse_target(to)
+        target["tls_options"] = tls_options(target["host"], tls, ca_file, cert_file, key_file)
     else:
         target["serial_device"] = serial
         target["baudrate"] = baud

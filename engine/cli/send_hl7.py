@@ -15,7 +15,7 @@ import click
 
 from drivers.hl7.parser import split_messages
 from engine.adapters.mllp import AckResult
-from engine.cli._client import parse_target, run_client
+from engine.cli._client import parse_target, run_client, tls_click_options, tls_options
 
 
 def result_lines(labels: Sequence[str], results: Sequence[AckResult]) -> list[str]:
@@ -36,13 +36,7 @@ def result_lines(labels: Sequence[str], results: Sequence[AckResult]) -> list[st
     show_default=True,
     help="Seconds to wait for each ACK.",
 )
-@click.option("--tls", is_flag=True, help="Connect with TLS (the server certificate is verified).")
-@click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="PEM CA certificate that signed the server's (default: system trust store).")
-@click.option("--cert", "cert_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="PEM client certificate for a mutual-TLS listener (with --key).")
-@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="PEM private key of the client certificate.")
+@tls_click_options
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def send_hl7(
     to: str,
@@ -64,17 +58,7 @@ def send_hl7(
       labrelay send hl7 --to 127.0.0.1:2576 --tls --ca ca.pem --cert me.pem --key me.key F.hl7
     """
     host, port = parse_target(to)
-    if (ca_file or cert_file or key_file) and not tls:
-        raise click.UsageError("--ca, --cert and --key are TLS options: add --tls")
-    if (cert_file is None) != (key_file is None):
-        raise click.UsageError("a client certificate needs both --cert and --key")
-    if tls:
-        from engine.adapters.mllp import client_tls_options
-
-        try:  # a bad PEM file is an operator's error: say which file, before connecting
-            client_tls_options(host, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from exc
+    tls_options(host, tls, ca_file, cert_file, key_file)  # checked before connecting
     labels: list[str] = []
     messages: list[bytes] = []
     for name in files:

@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 
 from lis_bridge.db import make_engine
 from lis_bridge.models import RawMessage
+from tests.conftest import CORPUS
 from tests.integration.enginerun import LABRELAY, REPO, free_port, running_engine
 
 pytestmark = pytest.mark.slow
@@ -267,6 +268,27 @@ reports:
         except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
             return b""
 
+    capture = CORPUS / "astm" / "roche_cobas_c311__1.txt"
+
+    def send_astm(*options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*LABRELAY, "send", "astm", "--to", f"127.0.0.1:{port}", "--timeout", "20",
+             "--listen-after", "0", *options, str(capture)],
+            capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+
     with running_engine(config, db_url, tmp_path):
         assert enq(with_certificate=False) == b""
         assert enq(with_certificate=True) == b"\x06"  # ACK
+        # labrelay's own ASTM sender over TLS, as an analyzer on this interface would be
+        done = send_astm("--tls", "--ca", str(ca.path))
+        assert done.returncode == 1  # no client certificate: the handshake is refused
+        assert stored(db_url) == 0
+        done = send_astm("--tls", "--ca", str(ca.path), "--cert", str(analyzer.cert),
+                         "--key", str(analyzer.key))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert " FN 1 ACK" in done.stdout
+        assert stored(db_url) == 1
+    done = subprocess.run([*LABRELAY, "send", "astm", "--serial", "/dev/null", "--tls",
+                           str(capture)], capture_output=True, text=True, timeout=60,
+                          check=False, cwd=REPO)
+    assert done.returncode == 2 and "are for --to HOST:PORT" in done.stderr
