@@ -174,6 +174,19 @@ class ReferenceRange:
         return _range_text(self.low, self.high, decimals)
 
 
+def _first_match(entries: Sequence[ReferenceRange], sex: str,
+                 age_years: float | None) -> ReferenceRange | None:
+    """The first entry for this sex and age; a sex-specific one beats an "any" one."""
+    fallback = None
+    for candidate in entries:
+        if candidate.matches(sex, age_years):
+            if candidate.sex:
+                return candidate
+            if fallback is None:
+                fallback = candidate
+    return fallback
+
+
 @dataclass(frozen=True, slots=True)
 class TestMapping:
     """How one analyzer code maps to one LIS test (compiled from ``tests.<code>``)."""
@@ -187,8 +200,9 @@ class TestMapping:
     conversions: tuple[UnitConversion, ...] = ()
     decimals: int | None = None
     reference_ranges: tuple[ReferenceRange, ...] = ()
-    critical_low: Decimal | None = None
-    critical_high: Decimal | None = None
+    # critical limits: one entry for everyone (critical: {low, high}), or entries by sex
+    # and age (critical: [{sex, age_min, age_max, low, high}, ...]); text is unused
+    critical_limits: tuple[ReferenceRange, ...] = ()
     prefer_mapping_range: bool = False
     aliases: tuple[str, ...] = ()
     order_code: str = ""
@@ -198,14 +212,17 @@ class TestMapping:
 
     def range_for(self, sex: str, age_years: float | None) -> ReferenceRange | None:
         """The first range for this sex and age; a sex-specific one beats an "any" one."""
-        fallback = None
-        for candidate in self.reference_ranges:
-            if candidate.matches(sex, age_years):
-                if candidate.sex:
-                    return candidate
-                if fallback is None:
-                    fallback = candidate
-        return fallback
+        return _first_match(self.reference_ranges, sex, age_years)
+
+    def critical_for(self, sex: str, age_years: float | None) -> ReferenceRange | None:
+        """The critical limits for this sex and age, chosen as ranges are (None: none)."""
+        return _first_match(self.critical_limits, sex, age_years)
+
+    @property
+    def by_patient(self) -> bool:
+        """Whether a range or a critical limit depends on the patient's sex or age."""
+        return any(r.sex or r.age_min is not None or r.age_max is not None
+                   for r in (*self.reference_ranges, *self.critical_limits))
 
     def declared_units(self) -> list[str]:
         units = [self.ucum, *self.accepted_units, *(c.from_units for c in self.conversions)]
@@ -431,9 +448,9 @@ class AnalyzerMapping:
         # HL7 table 0078 AA = critically abnormal: critical even for a text result.
         is_critical = flag in ("LL", "HH") or any(
             f.strip().upper() == "AA" for f in observation.flags)
-        if number is not None:
-            critical = _flag_from_range(comparator, number, rule.critical_low,
-                                        rule.critical_high)
+        limits = rule.critical_for(sex, age_years) if rule.critical_limits else None
+        if number is not None and limits is not None:
+            critical = _flag_from_range(comparator, number, limits.low, limits.high)
             if critical in ("L", "H"):
                 is_critical = True
                 flag = "LL" if critical == "L" else "HH"
@@ -919,6 +936,43 @@ def _number(node: _Node, path: str, errors: _Errors) -> Decimal | None:
     return value
 
 
+def _band(node: _Node, path: str, errors: _Errors, *, with_text: bool,
+          critical: bool = False, by_patient: bool = True) -> ReferenceRange | None:
+    """One reference range or set of critical limits: low and/or high, and (``by_patient``)
+    the sex and ages it is for; None after recording what is wrong."""
+    band = _as_map(node, path, errors)
+    if band is None:
+        return None
+    low = band.number("low")
+    high = band.number("high")
+    sex, age_min, age_max = "any", None, None
+    if by_patient:
+        sex = band.choice("sex", ("M", "F", "any"), "any")
+        age_min = band.number("age_min")
+        age_max = band.number("age_max")
+    text = band.text("text") if with_text else ""
+    band.finish()
+    what = "critical" if critical else "the range"
+    if low is None and high is None:
+        errors.add(node.line, path, "critical: needs low, high or both" if critical
+                   else "needs low, high or both")
+        return None
+    if low is not None and high is not None and (low >= high if critical else low > high):
+        errors.add(node.line, f"{path}.low",
+                   f"critical low {low} must be below critical high {high}" if critical
+                   else f"low {low} is above high {high}")
+        return None
+    if age_min is not None and age_max is not None and age_min >= age_max:
+        errors.add(node.line, f"{path}.age_min", f"age_min {age_min} must be below age_max "
+                   f"{age_max} (years; min inclusive, max exclusive)")
+        return None
+    if (age_min is not None and age_min < 0) or (age_max is not None and age_max <= 0):
+        errors.add(node.line, path, f"ages are years and must be positive ({what})")
+        return None
+    return ReferenceRange(low, high, "" if sex == "any" else sex, age_min, age_max,
+                          text.strip())
+
+
 def _as_map(node: _Node, path: str, errors: _Errors) -> _Map | None:
     if node.kind != "map":
         errors.add(node.line, path, f"expected a mapping of keys, got {node.describe()}")
@@ -1220,44 +1274,26 @@ def _read_test(
 
     ranges: list[ReferenceRange] = []
     for path, item in entry.sequence("reference_ranges"):
-        band = _as_map(item, path, errors)
-        if band is None:
-            continue
-        low = band.number("low")
-        high = band.number("high")
-        sex = band.choice("sex", ("M", "F", "any"), "any")
-        age_min = band.number("age_min")
-        age_max = band.number("age_max")
-        text = band.text("text")
-        band.finish()
-        if low is None and high is None:
-            errors.add(item.line, path, "needs low, high or both")
-            continue
-        if low is not None and high is not None and low > high:
-            errors.add(item.line, f"{path}.low", f"low {low} is above high {high}")
-            continue
-        if age_min is not None and age_max is not None and age_min >= age_max:
-            errors.add(item.line, f"{path}.age_min", f"age_min {age_min} must be below age_max "
-                       f"{age_max} (years; min inclusive, max exclusive)")
-            continue
-        if (age_min is not None and age_min < 0) or (age_max is not None and age_max <= 0):
-            errors.add(item.line, path, "ages are years and must be positive")
-            continue
-        ranges.append(ReferenceRange(low, high, "" if sex == "any" else sex, age_min, age_max,
-                                     text.strip()))
+        band = _band(item, path, errors, with_text=True)
+        if band is not None:
+            ranges.append(band)
 
-    critical_low = critical_high = None
-    critical = entry.sub("critical")
-    if critical is not None:
-        critical_low = critical.number("low")
-        critical_high = critical.number("high")
-        critical.finish()
-        if critical_low is None and critical_high is None and not critical.node.entries:
-            critical.error(None, "low", "critical: needs low, high or both")
-        if (critical_low is not None and critical_high is not None
-                and critical_low >= critical_high):
-            critical.error(critical.node, "low", f"critical low {critical_low} must be below "
-                           f"critical high {critical_high}")
+    critical_limits: list[ReferenceRange] = []
+    critical_node = entry.child("critical")
+    if critical_node is not None and critical_node.kind == "seq":
+        # by sex and age, chosen as reference ranges are
+        for index, item in enumerate(critical_node.items):
+            path = f"{entry.key_path('critical')}[{index}]"
+            band = _band(item, path, errors, with_text=False, critical=True)
+            if band is not None:
+                critical_limits.append(band)
+        if not critical_node.items:
+            entry.error(critical_node, "critical", "an empty list; leave critical out instead")
+    elif critical_node is not None:
+        band = _band(critical_node, entry.key_path("critical"), errors, with_text=False,
+                     critical=True, by_patient=False)
+        if band is not None:
+            critical_limits.append(band)
     entry.finish()
     if len(errors.items) != before:
         return None
@@ -1271,8 +1307,7 @@ def _read_test(
         conversions=tuple(conversions),
         decimals=decimals,
         reference_ranges=tuple(ranges),
-        critical_low=critical_low,
-        critical_high=critical_high,
+        critical_limits=tuple(critical_limits),
         prefer_mapping_range=prefer,
         aliases=tuple(aliases),
         order_code=order,

@@ -488,7 +488,7 @@ _RANGES_BY_PATIENT: dict[int, tuple[Any, bool]] = {}
 
 
 def _ranges_by_patient(mapping: Any) -> bool:
-    """Whether any reference range in ``mapping`` depends on sex or age.
+    """Whether any reference range or critical limit in ``mapping`` depends on sex or age.
 
     Only then does mapping need the patient's sex and age: most mappings give one range per
     test (or take the analyzer's), and the query is skipped. Remembered per mapping object.
@@ -496,11 +496,7 @@ def _ranges_by_patient(mapping: Any) -> bool:
     known = _RANGES_BY_PATIENT.get(id(mapping))
     if known is not None and known[0] is mapping:
         return known[1]
-    answer = any(
-        r.sex or r.age_min is not None or r.age_max is not None
-        for test in mapping.tests
-        for r in test.reference_ranges
-    )
+    answer = any(test.by_patient for test in mapping.tests)
     if len(_RANGES_BY_PATIENT) > 64:  # mappings reloaded many times: forget the old ones
         _RANGES_BY_PATIENT.clear()
     _RANGES_BY_PATIENT[id(mapping)] = (mapping, answer)

@@ -54,9 +54,7 @@ def check_cmd(files: tuple[Path, ...]) -> None:
         tests = mapping.tests
         conversions = sum(len(t.conversions) for t in tests)
         units = sorted({t.ucum for t in tests if t.ucum})
-        critical = sum(
-            1 for t in tests if t.critical_low is not None or t.critical_high is not None
-        )
+        critical = sum(1 for t in tests if t.critical_limits)
         ranges = sum(len(t.reference_ranges) for t in tests)
         panels = sorted({t.panel for t in tests if t.panel})
         aliases = sum(len(t.aliases) for t in tests)
@@ -120,19 +118,31 @@ def show_cmd(file: Path, code: str | None) -> None:
     source = "mapping" if test.prefer_mapping_range else "analyzer's, else mapping"
     click.echo(f"ranges ({source}):")
     for band in test.reference_ranges:
-        who = {"M": "male", "F": "female"}.get(band.sex, "any sex")
-        ages = ""
-        if band.age_min is not None or band.age_max is not None:
-            ages = f", age {band.age_min if band.age_min is not None else 0}-" \
-                   f"{band.age_max if band.age_max is not None else ''} y"
-        click.echo(f"  {who}{ages}: {band.display(test.decimals)}")
+        click.echo(f"  {_who(band)}: {band.display(test.decimals)}")
     if not test.reference_ranges:
         click.echo("  (none)")
-    low = test.critical_low if test.critical_low is not None else "-"
-    high = test.critical_high if test.critical_high is not None else "-"
-    click.echo(f"critical:      low {low}, high {high}")
+    if len(test.critical_limits) == 1 and not test.by_patient:
+        only = test.critical_limits[0]
+        click.echo(f"critical:      low {_or_dash(only.low)}, high {_or_dash(only.high)}")
+    else:
+        click.echo("critical:" if test.critical_limits else "critical:      (none)")
+        for band in test.critical_limits:
+            click.echo(f"  {_who(band)}: low {_or_dash(band.low)}, high {_or_dash(band.high)}")
     order = mapping.analyzer_codes_for([test.test_code])
     click.echo(f"ordered as:    {order[0] if order else '-'}")
+
+
+def _who(band: Any) -> str:
+    """Whom a range or a set of critical limits is for: 'female, age 0-0.08 y'."""
+    who = {"M": "male", "F": "female"}.get(band.sex, "any sex")
+    if band.age_min is not None or band.age_max is not None:
+        who += (f", age {band.age_min if band.age_min is not None else 0}-"
+                f"{band.age_max if band.age_max is not None else ''} y")
+    return who
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 # --------------------------------------------------------------------------- set
@@ -234,6 +244,10 @@ def set_cmd(
         entry["decimals"] = decimals
     if critical_low is not None or critical_high is not None:
         critical = entry.get("critical")
+        if critical is not None and not isinstance(critical, dict):
+            raise click.ClickException(
+                f"{file}: tests.{entry_key}.critical is a list of limits by sex and age; edit "
+                "that list in the file (then `labrelay mapping check` it)")
         if critical is None:
             critical = entry["critical"] = CommentedMap()
         if critical_low is not None:

@@ -107,7 +107,8 @@ def test_set_adds_entry_preserving_comments_and_order(
     added = mapping.find("GLUC2")
     assert added is not None
     assert (added.test_code, added.ucum, added.panel) == ("GLU", "mmol/L", "Chemistry")
-    assert (str(added.critical_low), str(added.critical_high)) == ("2.5", "25")
+    limits = added.critical_limits
+    assert [(str(c.low), str(c.high)) for c in limits] == [("2.5", "25")]
     assert [t.analyzer_code for t in mapping.tests][-1] == "GLUC2"
 
 

@@ -274,3 +274,68 @@ def test_astm_message_cut_before_its_l_record_is_kept_not_applied(sessions) -> N
         assert row is not None and row.payload == cut and not row.specimens
     again = apply(sessions, rt, whole)
     assert again.outcome != "rejected" and again.hold_reason != "BEHIND_HELD"
+
+
+CRITICAL_BY_AGE = """
+metadata: {analyzer: test, protocol: hl7, version: "1"}
+tests:
+  K:
+    test: K
+    units: {ucum: mmol/L}
+    reference_ranges: [{low: 3.5, high: 5.1}]
+    critical:
+      - {age_max: 0.0833, low: 2.0, high: 7.5}   # the first month of life
+      - {low: 2.5, high: 6.5}
+"""
+
+
+def test_critical_limits_by_age_reach_the_stored_result(sessions, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A potassium of 7.0 mmol/L is critical for an adult and not for a five-day-old, with
+    critical limits by age in the mapping; on the fast lane (several messages, decoded on
+    arrival) as one at a time. The mapping's dependence on age makes the pipeline read the
+    patient's birth date, as it does for reference ranges by age."""
+    from datetime import UTC, datetime, timedelta
+
+    from engine.ingest_bulk import ingest_bulk, prepare_item
+    from lis_bridge.lifecycle import transition
+    from lis_bridge.models import Result, Sample
+
+    path = tmp_path / "k.yaml"
+    path.write_text(CRITICAL_BY_AGE)
+    config = InterfaceConfig(name="t-hl7", protocol="hl7", driver="hl7-generic", mapping=path,
+                             listen="tcp:0:interface=127.0.0.1")
+    rt = InterfaceRuntime(config, create_driver("hl7-generic", "hl7"), load_mapping(path))
+    now = datetime.now(UTC)
+    newborn = (now - timedelta(days=5)).date().isoformat()
+    taken = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    orders = (
+        "specimen_id,patient_id,patient_name,sex,birth_date,tests,collected_at,location\n"
+        f"N-1,PX-N1,A B,F,{newborn},K,{taken},Neonatal unit\n"
+        f"A-1,PX-A1,C D,M,1970-01-01,K,{taken},Ward\n"
+        f"N-2,PX-N2,E F,M,{newborn},K,{taken},Neonatal unit\n"
+        f"A-2,PX-A2,G H,F,1980-01-01,K,{taken},Ward\n"
+    )
+    with sessions() as session:
+        assert import_orders_csv(session, orders, actor="t").ok
+        for sample in session.scalars(select(Sample)):
+            transition(session, sample, "RECEIVED_AT_LAB", actor="t", location="Lab")
+        session.commit()
+
+    def k(control_id: str, specimen_id: str) -> bytes:
+        return (f"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ORU^R01|{control_id}|P|2.5.1\r"
+                f"OBR|1|{specimen_id}|{specimen_id}|CHEM\r"
+                "OBX|1|NM|K^Potassium||7.0|mmol/L|||||F\r").encode()
+
+    with sessions() as session:  # together, as a group commit
+        items = [prepare_item(rt, k(f"b{n}", s), "127.0.0.1:1", True)
+                 for n, s in enumerate(("N-1", "A-1"))]
+        assert [r.outcome for r in ingest_bulk(session, items)] == ["accepted"] * 2
+        session.commit()
+    for n, specimen in enumerate(("N-2", "A-2")):  # one at a time
+        assert apply(sessions, rt, k(f"o{n}", specimen)).outcome == "accepted"
+    with sessions() as session:
+        stored = {specimen: (flag, critical) for specimen, flag, critical in session.execute(
+            select(Sample.specimen_id, Result.flag, Result.is_critical)
+            .join(Result, Result.sample_fk == Sample.id))}
+    assert stored == {"N-1": ("H", False), "A-1": ("HH", True),
+                      "N-2": ("H", False), "A-2": ("HH", True)}

@@ -574,3 +574,82 @@ def test_hl7_aa_flag_is_critical_even_for_text(mapping: AnalyzerMapping) -> None
     result = one(mapping, obs("GLU", "POSITIVE", "", "", flags=("AA",)))
     assert result.is_critical
     assert result.units == ""  # a text result shows no unit of the test
+
+
+# --------------------------------------------------------------------------- critical by patient
+
+BY_PATIENT = """
+metadata: {analyzer: test, protocol: hl7, version: "1"}
+tests:
+  K:
+    test: K
+    units: {ucum: mmol/L}
+    reference_ranges: [{low: 3.5, high: 5.1}]
+    critical:                                   # potassium: neonates tolerate more
+      - {age_max: 0.0833, low: 2.0, high: 7.5}  # first month of life
+      - {sex: F, age_min: 18, low: 3.0}         # a (made-up) stricter low for women
+      - {low: 2.5, high: 6.5}                   # everyone else, and unknown age
+"""
+
+
+@pytest.mark.parametrize(
+    ("sex", "age", "value", "flag", "critical"),
+    [
+        ("U", 0.01, "7.0", "H", False),    # a neonate: 7.0 is below its critical high
+        ("M", 40, "7.0", "HH", True),      # an adult: above 6.5
+        ("U", None, "7.0", "HH", True),    # age unknown: the entry without ages
+        ("F", 40, "2.9", "LL", True),      # a woman: below her critical low 3.0
+        ("M", 40, "2.9", "L", False),      # a man: above 2.5, flagged by the range only
+        ("F", 10, "2.9", "L", False),      # a girl: the F entry starts at 18
+        ("F", None, "2.9", "L", False),    # age unknown: F entry has ages, not taken
+        ("U", 0.01, "1.9", "LL", True),
+    ],
+)
+def test_critical_limits_by_sex_and_age(tmp_path: Path, sex: str, age: float | None,
+                                        value: str, flag: str, critical: bool) -> None:
+    mapping = load_mapping(write(tmp_path, BY_PATIENT))
+    mapped = mapping.map_specimen(SpecimenResults("S1", (obs("K", value, "mmol/L"),)),
+                                  sex=sex, age_years=age)
+    result = mapped.results[0]
+    assert (result.flag, result.is_critical) == (flag, critical)
+
+
+def test_critical_limits_by_patient_need_the_patient(tmp_path: Path) -> None:
+    """The pipeline looks the patient's sex and age up only for mappings that need them:
+    critical limits by age count as much as reference ranges by age."""
+    from engine.pipeline import _ranges_by_patient
+
+    by_patient = load_mapping(write(tmp_path, BY_PATIENT, "p.yaml"))
+    assert by_patient.tests[0].by_patient and _ranges_by_patient(by_patient)
+    plain = load_mapping(write(tmp_path, BASE.replace(
+        """      - {sex: M, age_min: 18, low: 62, high: 106}
+      - {sex: F, age_min: 18, low: 44, high: 80}
+      - {age_max: 18, low: 27, high: 88}
+""", ""), "plain.yaml"))
+    assert not _ranges_by_patient(plain)
+
+
+def test_critical_limits_by_patient_are_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+    metadata: {analyzer: test, protocol: hl7, version: "1"}
+    tests:
+      K:
+        test: K
+        critical:
+          - {age_max: 0.0833, low: 7.5, high: 2.0}
+          - {sex: X, low: 3.0}
+          - {age_min: -1, high: 9}
+          - {low: 2.5, high: 6.5, text: "nope"}
+      NA:
+        test: NA
+        critical: []
+    """)
+    with pytest.raises(MappingError) as raised:
+        load_mapping(path)
+    text = str(raised.value)
+    assert f"{path}:7: tests.K.critical[0].low: critical low 7.5 must be below critical " \
+        "high 2.0" in text
+    assert "tests.K.critical[1].sex: expected one of M, F, any" in text
+    assert "tests.K.critical[2]: ages are years and must be positive (critical)" in text
+    assert "tests.K.critical[3].text: unknown key" in text
+    assert "tests.NA.critical: an empty list; leave critical out instead" in text
