@@ -507,6 +507,10 @@ class EngineService(MultiService):
 
     # ------------------------------------------------------------------ status
 
+    def _mapping_digest(self, name: str) -> str:
+        runtime = self.runtimes.get(name)
+        return runtime.mapping_sha256 if runtime is not None else ""
+
     def status(self) -> dict[str, Any]:
         writer = self.writer
         pipeline = self.pipeline
@@ -528,6 +532,8 @@ class EngineService(MultiService):
                 "rejected": stats.rejected if stats else 0,
                 "duplicates": stats.duplicates if stats else 0,
                 "storage_failures": stats.storage_failures if stats else 0,
+                # which version of the mapping file is in use (labrelay mapping reload)
+                "mapping_sha256": self._mapping_digest(state.name),
             })
         return {
             "node": self.config.node_name,

@@ -37,9 +37,11 @@ def status_cmd(state: CliState, as_json: bool) -> None:
         click.echo(f"engine {engine.get('node')}: up since {engine.get('started_at', '?')[:19]}")
         for iface in engine.get("interfaces", []):
             reason = f" ({iface['reason']})" if iface.get("reason") else ""
+            mapping = (f" mapping {iface['mapping_sha256'][:16]}"
+                       if iface.get("mapping_sha256") else "")
             click.echo(f"  {iface['name']:<16} {iface['status']:<8} {iface['transport']:<40} "
                        f"conn {iface['connections']} recv {iface['received']} "
-                       f"held {iface['held']}{reason}")
+                       f"held {iface['held']}{mapping}{reason}")
     held = summary["held_messages"]
     click.echo(f"held messages: {held}" + (
         " (" + ", ".join(f"{k} {v}" for k, v in summary["held_by_reason"].items()) + ")"

@@ -5,6 +5,7 @@ on 127.0.0.1, python-hl7's `mllp_send` as the analyzer, the CLI as the analyst r
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import signal
 from pathlib import Path
@@ -84,6 +85,11 @@ def test_a_fixed_mapping_is_taken_without_a_restart(db_url: str, tmp_path: Path)
         assert code == 0, text
         assert "reload-hl7: reloaded, 23 tests" in text
         assert "ingest process: reloaded" in text
+        # `labrelay status` says which version of the file is in use
+        digest = hashlib.sha256(mapping.read_bytes()).hexdigest()
+        code, text = cli_run("status", "--config", str(config), "--database", db_url)
+        assert code == 0, text
+        assert f"mapping {digest[:16]}" in text
         # the next message is mapped with the file as it is now, by the ingest process
         output = mllp_send(port, oru(tmp_path / "b.hl7", "RL-2", "DEMO0001", "GLUX", "5.9"))
         assert "MSA|AA|RL-2" in output
