@@ -32,6 +32,7 @@ from lis_bridge.db import ensure_current, make_engine, session_factory, upgrade
 from lis_bridge.models import MessageStatus, RawMessage
 
 log = structlog.get_logger(__name__)
+RELOAD_TIMEOUT = 30.0  # seconds the ingest process has to answer a mapping reload
 
 
 @dataclass
@@ -402,8 +403,14 @@ class EngineService(MultiService):
         ingest_note = "not used (ingest_process: false)"
         if self.ingest is not None:
             try:
-                remote = yield self.ingest.reload_mappings()
+                remote = yield self.ingest.reload_mappings().addTimeout(
+                    RELOAD_TIMEOUT, self.reactor)
+            except defer.TimeoutError:
+                ok = False
+                ingest_note = (f"did not answer within {RELOAD_TIMEOUT:g} s and may still "
+                               "use the mappings it had; run the reload again")
             except LabrelayError as exc:
+                # not running: it reads the files when it is started again
                 ingest_note = str(exc)
             else:
                 ingest_note = "reloaded"

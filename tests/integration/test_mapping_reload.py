@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
+from twisted.trial import unittest
 
 from engine.cli import main as cli
 from engine.pipeline import InterfaceRuntime, load_runtime, reload_mappings
@@ -179,3 +180,42 @@ def test_a_reload_gives_new_runtimes_and_keeps_the_old_one_on_a_mistake(tmp_path
     assert not outcome["reload-hl7"]["reloaded"]
     assert "bogus_key" in outcome["reload-hl7"]["error"]
     assert runtimes["reload-hl7"] is kept
+
+
+class IngestSilentTests(unittest.TestCase):
+    """The wait for the ingest process's answer is bounded (a Clock stands in for time)."""
+
+    def test_an_ingest_process_that_does_not_answer_is_reported(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+        from twisted.internet.task import Clock
+
+        from engine.config import load_config
+        from engine.service import RELOAD_TIMEOUT, EngineService
+
+        clock = Clock()
+
+        class Reactor:  # threads from the real reactor, time from the Clock
+            callLater = clock.callLater
+            getThreadPool = reactor.getThreadPool  # type: ignore[attr-defined]
+            callFromThread = reactor.callFromThread  # type: ignore[attr-defined]
+
+        class SilentIngest:
+            def reload_mappings(self) -> Deferred[dict[str, object]]:
+                # once the engine waits for the answer, let the time run out
+                reactor.callLater(0, clock.advance, RELOAD_TIMEOUT + 1)  # type: ignore[attr-defined]
+                return Deferred()
+
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        config = load_config(write_config(tmp, free_port(), free_port(),
+                                          REPO / "mappings" / "generic_hl7.yaml"))
+        service = EngineService(config, "sqlite:///unused.db", Reactor())
+        service.runtimes = {"reload-hl7": load_runtime(config.interfaces[0])}
+        service.ingest = SilentIngest()
+
+        def check(result: dict[str, object]) -> None:
+            assert result["ok"] is False
+            assert "did not answer within 30 s" in str(result["ingest_process"])
+
+        return service.reload_mappings().addCallback(check)
