@@ -201,12 +201,16 @@ class IngestProcess:
             return fail(StorageError(
                 "the ingest process is not running (it is being started again); nothing was "
                 "acknowledged, the analyzer should resend"))
+        return self._request({"interface": interface, "peer": peer, "apply_now": apply_now},
+                             raw)
+
+    def _request(self, header: dict[str, Any], payload: bytes = b"") -> Deferred[Any]:
+        """Send one frame; the Deferred fires with the answer carrying its id."""
         request_id = self.next_id
         self.next_id += 1
         d: Deferred[Any] = Deferred()
         self.pending[request_id] = d
-        self.transport.write(encode_frame({"id": request_id, "interface": interface,
-                                           "peer": peer, "apply_now": apply_now}, raw))
+        self.transport.write(encode_frame({"id": request_id, **header}, payload))
         return d
 
     def reload_mappings(self) -> Deferred[dict[str, Any]]:
@@ -217,12 +221,7 @@ class IngestProcess:
             return fail(LabrelayError(
                 "the ingest process is not running; it reads the mapping files when it is "
                 "started again"))
-        request_id = self.next_id
-        self.next_id += 1
-        d: Deferred[Any] = Deferred()
-        self.pending[request_id] = d
-        self.transport.write(encode_frame({"id": request_id, "control": "reload_mappings"}))
-        return d
+        return self._request({"control": "reload_mappings"})
 
     def _answer(self, header: dict[str, Any], payload: bytes) -> None:
         d = self.pending.pop(int(header.get("id", 0)), None)
