@@ -526,31 +526,23 @@ def send_messages(
     port: int,
     messages: Sequence[bytes],
     timeout: float = 30.0,
-    tls: bool = False,
     *,
-    ca_file: str | None = None,
-    cert_file: str | None = None,
-    key_file: str | None = None,
+    tls_options: Any = None,
 ) -> Deferred[list[AckResult]]:
     """Connect to ``host:port``, send each message framed, and wait for its ACK (bounded by
     ``timeout`` seconds per message) before sending the next.
 
-    With ``tls`` the server certificate is verified against ``ca_file`` (PEM; the system
-    trust store when None) and must name ``host``; ``cert_file`` + ``key_file`` (PEM) are
-    the client certificate presented to a mutual-TLS listener.
+    ``tls_options`` (:func:`client_tls_options`) puts TLS on the connection: the server
+    certificate is verified and must name ``host``, and a client certificate is presented
+    to a mutual-TLS listener when the options carry one.
 
     Fires with one :class:`AckResult` per message. A failed connection fires with results that
     all carry the error; messages after a timeout are reported as not sent.
     """
     proto = MLLPClientProtocol(messages, timeout, reactor)
     endpoint: Any = endpoints.HostnameEndpoint(reactor, host, port, timeout=int(timeout) or 1)
-    if tls:
-        endpoint = endpoints.wrapClientTLS(
-            client_tls_options(host, ca_file=ca_file, cert_file=cert_file, key_file=key_file),
-            endpoint,
-        )
-    elif ca_file or cert_file or key_file:
-        raise ValueError("CA and client certificate files are for TLS: add tls=True (--tls)")
+    if tls_options is not None:
+        endpoint = endpoints.wrapClientTLS(tls_options, endpoint)
     if not messages:
         return defer.succeed([])
 

@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from engine.capture import CaptureFormatError, CaptureRecord, read_capture
-from engine.cli._client import answer_lines, parse_target
+from engine.cli._client import answer_lines, parse_target, tls_click_options, tls_options
 from engine.cli.send_hl7 import result_lines
 
 PHI_WARNING = (
@@ -226,7 +226,7 @@ def capture_show(file: Path, conn: int | None) -> None:
 
 
 def _replay_hl7(reactor: Any, host: str, port: int, conns: Sequence[Connection],
-                timeout: float, lines: list[str]) -> Any:
+                timeout: float, lines: list[str], tls_options: Any = None) -> Any:
     from twisted.internet import defer
 
     from engine.adapters.mllp import send_messages
@@ -239,7 +239,8 @@ def _replay_hl7(reactor: Any, host: str, port: int, conns: Sequence[Connection],
             if not messages:
                 lines.append(f"conn {connection.conn}: no whole MLLP message in the capture")
                 continue
-            results = yield send_messages(reactor, host, port, messages, timeout=timeout)
+            results = yield send_messages(reactor, host, port, messages, timeout=timeout,
+                                          tls_options=tls_options)
             labels = [f"conn {connection.conn} #{n}" for n in range(1, len(results) + 1)]
             lines.extend(result_lines(labels, results))
             failures += sum(0 if result.ok else 1 for result in results)
@@ -250,7 +251,8 @@ def _replay_hl7(reactor: Any, host: str, port: int, conns: Sequence[Connection],
 
 
 def _replay_astm(reactor: Any, host: str, port: int, conns: Sequence[Connection],
-                 timeout: float, listen_after: float, lines: list[str]) -> Any:
+                 timeout: float, listen_after: float, lines: list[str],
+                 tls_options: Any = None) -> Any:
     from twisted.internet import defer
 
     from engine.adapters.astm_send import send_astm
@@ -264,7 +266,8 @@ def _replay_astm(reactor: Any, host: str, port: int, conns: Sequence[Connection]
                 lines.append(f"conn {connection.conn}: no whole ASTM frame in the capture")
                 continue
             report = yield send_astm(reactor, sessions, host=host, port=port,
-                                     timeout=timeout, listen_after=listen_after)
+                                     timeout=timeout, listen_after=listen_after,
+                                     tls_options=tls_options)
             label = f"conn {connection.conn}"
             for frame in report.frames:
                 lines.append(f"{label} session {frame.session + 1} frame {frame.frame + 1} "
@@ -295,19 +298,24 @@ def _replay_astm(reactor: Any, host: str, port: int, conns: Sequence[Connection]
               help="Seconds to wait for each answer (HL7) / for each connection (ASTM).")
 @click.option("--listen-after", "listen_after", type=click.FloatRange(min=0.0), default=1.0,
               show_default=True, help="ASTM: seconds to stay on the line for answers.")
+@tls_click_options
 def replay(capture_file: Path, to: str, protocol: str | None, direction: str,
-           conn: int | None, timeout: float, listen_after: float) -> None:
+           conn: int | None, timeout: float, listen_after: float, tls: bool,
+           ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
     """Send the bytes of a capture again, per connection in order, as whole messages.
 
     HL7: every MLLP block is sent again and its ACK printed. ASTM: every ENQ..EOT session
     is sent again frame by frame, exactly as captured, and each frame's answer printed.
-    Exits 1 if anything was not accepted.
+    Exits 1 if anything was not accepted. A capture of a TLS interface holds the plain
+    bytes; --tls (with --ca, and --cert/--key for mutual TLS) sends them over TLS again.
 
     \b
-    Example:
+    Examples:
       labrelay replay captures/chem-hl7-20250303.jsonl --to 127.0.0.1:12575
+      labrelay replay captures/chem-hl7-20250303.jsonl --to 127.0.0.1:12576 --tls --ca ca.pem
     """
     host, port = parse_target(to)
+    secure = tls_options(host, tls, ca_file, cert_file, key_file)
     click.echo(PHI_WARNING.format(path=capture_file), err=True)
     try:
         conns = connections(read_capture(capture_file, conn=conn), direction)
@@ -325,9 +333,9 @@ def replay(capture_file: Path, to: str, protocol: str | None, direction: str,
 
     def main(reactor: Any) -> Any:
         if kind == "hl7":
-            d = _replay_hl7(reactor, host, port, conns, timeout, lines)
+            d = _replay_hl7(reactor, host, port, conns, timeout, lines, secure)
         else:
-            d = _replay_astm(reactor, host, port, conns, timeout, listen_after, lines)
+            d = _replay_astm(reactor, host, port, conns, timeout, listen_after, lines, secure)
         d.addCallback(lambda failures: outcome.update(failures=failures))
         return d
 

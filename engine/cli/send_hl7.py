@@ -58,7 +58,7 @@ def send_hl7(
       labrelay send hl7 --to 127.0.0.1:2576 --tls --ca ca.pem --cert me.pem --key me.key F.hl7
     """
     host, port = parse_target(to)
-    tls_options(host, tls, ca_file, cert_file, key_file)  # checked before connecting
+    secure = tls_options(host, tls, ca_file, cert_file, key_file)  # checked before connecting
     labels: list[str] = []
     messages: list[bytes] = []
     for name in files:
@@ -73,8 +73,8 @@ def send_hl7(
     from engine.adapters.mllp import send_messages
 
     results: list[AckResult] = run_client(
-        lambda reactor: send_messages(reactor, host, port, messages, timeout=timeout, tls=tls,
-                                      ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        lambda reactor: send_messages(reactor, host, port, messages, timeout=timeout,
+                                      tls_options=secure)
     )
     for line in result_lines(labels, results):
         click.echo(line)

@@ -173,6 +173,43 @@ def test_tls_listener_from_ssl_endpoint_string(db_url: str, tmp_path: Path) -> N
     assert stored(db_url) == 1
 
 
+def test_a_capture_replays_into_a_tls_listener(db_url: str, tmp_path: Path) -> None:
+    """`labrelay replay --tls`: a capture holds the plain bytes of a TLS interface; they go
+    over TLS again, verified against the CA; without --tls the listener is not reached."""
+    import base64
+    import json
+
+    ca = TestCA(tmp_path)
+    server = ca.issue("engine", server=True)
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        f"      listen: ssl:{port}:interface=127.0.0.1:privateKey={server.key}"
+        f":certKey={server.cert}",
+    )
+    block = b"\x0b" + ORU.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r") + b"\x1c\r"
+    capture = tmp_path / "tls-hl7.jsonl"
+    capture.write_text("\n".join(json.dumps(line) for line in (
+        {"t": "2026-12-04T10:00:00Z", "dir": "open", "peer": "127.0.0.1:40000", "conn": 1},
+        {"t": "2026-12-04T10:00:01Z", "dir": "in", "peer": "127.0.0.1:40000", "conn": 1,
+         "b64": base64.b64encode(block).decode()},
+    )) + "\n")
+
+    def replay(*options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*LABRELAY, "replay", str(capture), "--to", f"127.0.0.1:{port}", "--timeout", "5",
+             *options], capture_output=True, text=True, timeout=60, check=False, cwd=REPO)
+
+    with running_engine(config, db_url, tmp_path):
+        done = replay("--tls", "--ca", str(ca.path))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "conn 1 #1 DEMO-0001 AA" in done.stdout
+        assert replay().returncode == 1  # plain bytes to a TLS port: no ACK
+        done = replay("--ca", str(ca.path))
+        assert done.returncode == 2 and "add --tls" in done.stderr
+    assert stored(db_url) == 1
+
+
 def test_mutual_tls_demands_a_client_certificate_from_the_ca(
     db_url: str, tmp_path: Path
 ) -> None:
