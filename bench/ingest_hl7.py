@@ -9,7 +9,9 @@ machine; the ratio says what decoding, mapping and applying cost.
     .venv/bin/python bench/ingest_hl7.py [--messages 2000] [--postgres URL] [--quick]
         [--only sqlite|postgresql] [--connections N ...] [--engine-only] [--in-process]
 
-Prints messages/s and ACK latency p50/p99 per case. ``--quick``: 300 messages per case.
+Prints messages/s and ACK latency p50/p99 per case, and the CPU time per message of each
+process taking part (the server, the engine's ingest process, PostgreSQL's processes, the
+bench's own clients), read from /proc. ``--quick``: 300 messages per case.
 ``--in-process``: the engine applies messages on its own writer thread
 (``ingest_process: false``) instead of its ingest process, for comparison.
 """
@@ -184,6 +186,69 @@ def check_stored(url: str, count: int) -> str:
             f"{'' if ok else '  <-- NOT ALL STORED'}")
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, and theirs (the engine's ingest process)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        found.extend(int(c) for c in children)
+        todo.extend(int(c) for c in children)
+    return found
+
+
+def _postgres_pids(url: str) -> list[int]:
+    """Every process of the PostgreSQL server the bench uses (backends, WAL writer,
+    checkpointer...): pg_stat_activity, read on the same machine."""
+    if not url.startswith("postgresql"):
+        return []
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [int(pid) for pid in conn.scalars(text(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"))]
+    except Exception:  # noqa: BLE001 - a benchmark reports what it can
+        return []
+    finally:
+        engine.dispose()
+
+
+class CpuMeter:
+    """CPU time per message of each process taking part, over the timed run: where the
+    machine's cores go (2 cores give 2 s of CPU per second, shared by all of them)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = {name: pids for name, pids in groups.items() if pids}
+        self.start = {name: self._total(pids) for name, pids in self.groups.items()}
+        self.client_start = time.process_time()
+
+    @staticmethod
+    def _total(pids: list[int]) -> float:
+        return sum(_cpu_seconds(pid) or 0.0 for pid in pids)
+
+    def report(self, messages: int, elapsed: float) -> str:
+        used = {name: self._total(pids) - self.start[name] for name, pids in self.groups.items()}
+        used["clients"] = time.process_time() - self.client_start
+        total = sum(used.values())
+        parts = ", ".join(f"{name} {seconds / messages * 1000:.2f}" for name, seconds in
+                          used.items())
+        return (f"CPU per message (ms): {parts}; {total / messages * 1000:.2f} in all, "
+                f"{total / elapsed:.2f} of {os.cpu_count()} cores busy")
+
+
 def free_port() -> int:
     import socket
 
@@ -234,7 +299,8 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float 
 
 
 def run_case(label: str, command: list[str], env: dict[str, str], port: int, connections: int,
-             messages: list[bytes], workdir: Path, admin_port: int | None = None) -> float:
+             messages: list[bytes], workdir: Path, admin_port: int | None = None,
+             url: str = "") -> float:
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
@@ -242,8 +308,11 @@ def run_case(label: str, command: list[str], env: dict[str, str], port: int, con
         # Warm-up, not counted: the first messages pay for imports and compiled statements.
         asyncio.run(_load(port, 1, messages[:WARM_UP]))
         before = writer_status(admin_port)
+        meter = CpuMeter({"server": [process.pid], "ingest": _descendants(process.pid),
+                          "postgresql": _postgres_pids(url)})
         elapsed, latencies, failures = asyncio.run(_load(port, connections,
                                                          messages[WARM_UP:]))
+        cpu = meter.report(len(messages) - WARM_UP, elapsed)
         load = writer_load(before, writer_status(admin_port), elapsed)
     finally:
         process.send_signal(signal.SIGINT)
@@ -259,6 +328,7 @@ def run_case(label: str, command: list[str], env: dict[str, str], port: int, con
           f"   not-AA {failures}")
     if load:
         print(f"{'':<44} {load}")
+    print(f"{'':<44} {cpu}")
     return rate
 
 
@@ -322,7 +392,7 @@ def main() -> None:
                                    str(port), url]
                         label = f"{db_label} bare MLLP store-only x{connections}"
                     rates = run_case(label, command, env, port, connections, messages, workdir,
-                                     admin_port if mode == "engine" else None)
+                                     admin_port if mode == "engine" else None, url)
                     if mode == "engine":
                         engine_rate = rates
                         print(f"{'':<44} {check_stored(url, len(messages))}")
