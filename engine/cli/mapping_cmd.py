@@ -65,6 +65,13 @@ def check_cmd(files: tuple[Path, ...]) -> None:
         click.echo(f"  units: {', '.join(units) or '-'}; {conversions} unit conversions")
         click.echo(f"  {ranges} reference ranges; critical limits on {critical} tests; "
                    f"{len(mapping.ignore_codes)} codes ignored")
+        for test in tests:
+            limits = test.critical_limits
+            if limits and not any(not c.sex and c.age_min is None and c.age_max is None
+                                  for c in limits):
+                click.echo(f"  note: tests.{test.analyzer_code}.critical has no entry for "
+                           "everyone (without sex and ages): a patient no entry matches, or "
+                           f"of unknown sex or age, gets no critical limits for {test.test_code}")
     if failed:
         raise SystemExit(1)
 

@@ -213,3 +213,22 @@ def test_help_has_examples(runner: CliRunner) -> None:
         result = runner.invoke(main, ["mapping", command, "--help"])
         assert result.exit_code == 0
         assert "Example" in result.output, command
+
+
+def test_check_notes_critical_limits_that_leave_patients_out(tmp_path: Path) -> None:
+    """Critical limits by age with no entry for everyone: valid, but an adult (or a
+    patient of unknown age) gets no critical limits, and `mapping check` says so."""
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        'metadata: {analyzer: t, protocol: hl7, version: "1"}\n'
+        "tests:\n"
+        "  K:\n"
+        "    test: K\n"
+        "    critical: [{age_max: 0.0833, low: 2.0, high: 7.5}]\n"
+        "  NA:\n"
+        "    test: NA\n"
+        "    critical: [{age_max: 1, low: 125}, {low: 120, high: 160}]\n")
+    result = CliRunner().invoke(main, ["mapping", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "note: tests.K.critical has no entry for everyone" in result.output
+    assert "tests.NA.critical" not in result.output
