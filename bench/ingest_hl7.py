@@ -167,8 +167,10 @@ def writer_load(before: dict[str, float] | None, after: dict[str, float] | None,
     batches = after["batches"] - before["batches"]
     units = after["units"] - before["units"]
     busy = after["busy_seconds"] - before["busy_seconds"]
+    wait = after.get("wait_seconds", 0.0) - before.get("wait_seconds", 0.0)
     return (f"writer busy {busy / elapsed:.0%} of the time, "
-            f"mean batch {units / max(batches, 1):.1f}")
+            f"mean batch {units / max(batches, 1):.1f} in {busy / max(batches, 1) * 1000:.1f} ms, "
+            f"mean wait for a batch {wait / max(units, 1) * 1000:.1f} ms")
 
 
 def check_stored(url: str, count: int) -> str:

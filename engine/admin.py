@@ -137,6 +137,8 @@ def _metrics(status: dict[str, Any]) -> str:
     lines.append(f"labrelay_writer_units_total {writer['units']}")
     lines.append("# TYPE labrelay_writer_busy_seconds_total counter")
     lines.append(f"labrelay_writer_busy_seconds_total {writer['busy_seconds']}")
+    lines.append("# TYPE labrelay_writer_wait_seconds_total counter")
+    lines.append(f"labrelay_writer_wait_seconds_total {writer.get('wait_seconds', 0.0)}")
     lines.append("# TYPE labrelay_writer_storage_errors_total counter")
     lines.append(f"labrelay_writer_storage_errors_total {writer['storage_errors']}")
     ingest = status.get("ingest")
@@ -150,7 +152,7 @@ def _metrics(status: dict[str, Any]) -> str:
         lines.append("# TYPE labrelay_ingest_in_flight gauge")
         lines.append(f"labrelay_ingest_in_flight {ingest['in_flight']}")
         stats = ingest.get("writer") or {}
-        for name in ("batches", "units", "busy_seconds", "storage_errors"):
+        for name in ("batches", "units", "busy_seconds", "wait_seconds", "storage_errors"):
             lines.append(f"# TYPE labrelay_ingest_writer_{name}_total counter")
             lines.append(f"labrelay_ingest_writer_{name}_total {stats.get(name, 0)}")
     return "\n".join(lines) + "\n"

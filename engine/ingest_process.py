@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     def stats() -> dict[str, Any]:
         s = writer.stats
         return {"batches": s.batches, "units": s.units, "largest_batch": s.largest_batch,
-                "busy_seconds": round(s.busy_seconds, 3), "storage_errors": s.storage_errors}
+                "busy_seconds": round(s.busy_seconds, 3), "storage_errors": s.storage_errors,
+                "wait_seconds": round(s.wait_seconds, 3)}
 
     def answered(result: Any, request_id: int) -> None:
         send(result_frame(request_id, result, stats()))

@@ -556,6 +556,7 @@ class EngineService(MultiService):
                 "units": writer.stats.units if writer else 0,
                 "largest_batch": writer.stats.largest_batch if writer else 0,
                 "busy_seconds": round(writer.stats.busy_seconds, 3) if writer else 0.0,
+                "wait_seconds": round(writer.stats.wait_seconds, 3) if writer else 0.0,
                 "storage_errors": writer.stats.storage_errors if writer else 0,
             },
         }

@@ -65,6 +65,9 @@ class WriterStats:
     last_error: str = ""
     largest_batch: int = 0
     busy_seconds: float = 0.0  # time spent running batches (its share of wall time: load)
+    # summed over units: how long each waited in the queue before its batch began (the
+    # mean, wait_seconds / units, is what a message loses to the batch before its own)
+    wait_seconds: float = 0.0
 
 
 class DatabaseWriter:
@@ -147,6 +150,7 @@ class DatabaseWriter:
 
     def _run_batch(self, batch: list[_Unit[Any]]) -> None:
         started = time.perf_counter()
+        self.stats.wait_seconds += sum(started - unit.queued_at for unit in batch)
         try:
             self._run_batch_timed(batch)
         finally:
