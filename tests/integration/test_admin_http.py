@@ -118,6 +118,10 @@ def test_health_status_and_metrics(db_url: str, tmp_path: Path) -> None:
         assert 'labrelay_interface_up{interface="adm-hl7"} 1' in lines
         assert "labrelay_ingest_process_up 1" in lines
         assert "labrelay_ingest_writer_units_total 1" in lines
+        # how long the message waited for the batch before its own: a small, real figure
+        wait = next(line for line in lines
+                    if line.startswith("labrelay_ingest_writer_wait_seconds_total "))
+        assert 0.0 <= float(wait.split()[1]) < 10.0
         # Prometheus text format: every sample line is `name{labels} value`
         for line in lines:
             if line and not line.startswith("#"):
