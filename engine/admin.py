@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -81,35 +83,34 @@ class AdminResource(Resource):
         except (ValueError, TypeError, KeyError):
             request.setResponseCode(400)
             return b'{"error": "expected JSON {\"specimen_ids\": [\"S1\", ...]}"}'
-        d = self.service.push_orders(parts[1], specimen_ids)
-
-        def done(result: dict[str, Any]) -> None:
-            request.setResponseCode(202 if result.get("queued") else 409)
-            request.write(json.dumps(result).encode())
-            request.finish()
-
-        def failed(failure: Failure) -> None:
-            request.setResponseCode(400)
-            request.write(json.dumps({"error": failure.getErrorMessage()}).encode())
-            request.finish()
-
-        d.addCallbacks(done, failed)
-        return NOT_DONE_YET
-
+        return _json_later(request, self.service.push_orders(parts[1], specimen_ids),
+                           lambda result: 202 if result.get("queued") else 409,
+                           failed_code=400, failed_body={})
 
     def _reload(self, request: Request) -> int:
-        def done(result: dict[str, Any]) -> None:
-            request.setResponseCode(200 if result.get("ok") else 409)
-            request.write(json.dumps(result).encode())
-            request.finish()
+        return _json_later(request, self.service.reload_mappings(),
+                           lambda result: 200 if result.get("ok") else 409,
+                           failed_code=500, failed_body={"ok": False})
 
-        def failed(failure: Failure) -> None:
-            request.setResponseCode(500)
-            request.write(json.dumps({"ok": False, "error": failure.getErrorMessage()}).encode())
-            request.finish()
 
-        self.service.reload_mappings().addCallbacks(done, failed)
-        return NOT_DONE_YET
+def _json_later(request: Request, d: Deferred[dict[str, Any]],
+                code_of: Callable[[dict[str, Any]], int], *, failed_code: int,
+                failed_body: dict[str, Any]) -> int:
+    """Answer ``request`` with the JSON ``d`` fires with (status ``code_of(result)``), or
+    with ``failed_body`` and the failure's message under ``failed_code``."""
+
+    def done(result: dict[str, Any]) -> None:
+        request.setResponseCode(code_of(result))
+        request.write(json.dumps(result).encode())
+        request.finish()
+
+    def failed(failure: Failure) -> None:
+        request.setResponseCode(failed_code)
+        request.write(json.dumps({**failed_body, "error": failure.getErrorMessage()}).encode())
+        request.finish()
+
+    d.addCallbacks(done, failed)
+    return NOT_DONE_YET
 
 
 def _metrics(status: dict[str, Any]) -> str:

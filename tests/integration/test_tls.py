@@ -141,7 +141,9 @@ def stored(db_url: str) -> int:
         engine.dispose()
 
 
-def test_tls_listener_from_ssl_endpoint_string(db_url: str, tmp_path: Path) -> None:
+def ssl_listener(tmp_path: Path) -> tuple[TestCA, int, Path]:
+    """A CA, a free port and an engine config whose HL7 listener is an ssl: endpoint
+    string with a server certificate from that CA."""
     ca = TestCA(tmp_path)
     server = ca.issue("engine", server=True)
     port = free_port()
@@ -150,6 +152,11 @@ def test_tls_listener_from_ssl_endpoint_string(db_url: str, tmp_path: Path) -> N
         f"      listen: ssl:{port}:interface=127.0.0.1:privateKey={server.key}"
         f":certKey={server.cert}",
     )
+    return ca, port, config
+
+
+def test_tls_listener_from_ssl_endpoint_string(db_url: str, tmp_path: Path) -> None:
+    ca, port, config = ssl_listener(tmp_path)
     with running_engine(config, db_url, tmp_path):
         done = send_hl7(port, "--tls", "--ca", str(ca.path))
         assert done.returncode == 0, done.stdout + done.stderr
@@ -179,14 +186,7 @@ def test_a_capture_replays_into_a_tls_listener(db_url: str, tmp_path: Path) -> N
     import base64
     import json
 
-    ca = TestCA(tmp_path)
-    server = ca.issue("engine", server=True)
-    port = free_port()
-    config = write_config(
-        tmp_path,
-        f"      listen: ssl:{port}:interface=127.0.0.1:privateKey={server.key}"
-        f":certKey={server.cert}",
-    )
+    ca, port, config = ssl_listener(tmp_path)
     block = b"\x0b" + ORU.read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r") + b"\x1c\r"
     capture = tmp_path / "tls-hl7.jsonl"
     capture.write_text("\n".join(json.dumps(line) for line in (
