@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -209,8 +210,8 @@ class IngestSilentTests(unittest.TestCase):
                 reactor.callLater(0, clock.advance, RELOAD_TIMEOUT + 1)  # type: ignore[attr-defined]
                 return Deferred()
 
-        tmp = Path(self.mktemp())
-        tmp.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix="labrelay-reload-"))  # not in the work tree
+        self.addCleanup(shutil.rmtree, tmp, True)
         config = load_config(write_config(tmp, free_port(), free_port(),
                                           REPO / "mappings" / "generic_hl7.yaml"))
         service = EngineService(config, "sqlite:///unused.db", Reactor())
