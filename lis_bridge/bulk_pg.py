@@ -26,6 +26,7 @@ with the one-at-a-time path on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,21 +41,19 @@ from lis_bridge.models import (
     MessageStatus,
     OutboxJob,
     RawMessage,
-    Result,
     SampleEvent,
     utcnow,
 )
 from lis_bridge.results_bulk import (
+    RESULT_COPY,
     BulkWrites,
     SampleFacts,
-    copy_buffer,
-    copy_statement,
+    result_copy_text,
     sample_facts,
 )
 
 _RAW = cast(Table, RawMessage.__table__)
 _SPECIMENS = cast(Table, MessageSpecimen.__table__)
-_RESULTS = cast(Table, Result.__table__)
 _EVENTS = cast(Table, SampleEvent.__table__)
 _OUTBOX = cast(Table, OutboxJob.__table__)
 
@@ -240,15 +239,18 @@ def write_stretch(cursor: Any, raw_rows: Sequence[dict[str, Any]],
                 for kind, key, payload in writes.jobs]
         statements.append(_values(cursor, _OUTBOX, jobs)
                           + b" ON CONFLICT (dedupe_key) DO NOTHING")
-    if writes.results:
-        statements.append(copy_statement(_RESULTS, writes.results).encode())
+    if writes.result_groups:
+        statements.append(RESULT_COPY.encode())
     if commit:
         statements.append(b"COMMIT")
     query = b";\n".join(statements)
-    if writes.results:
+    if writes.result_groups:
         # The COPY data follows the statements before it in the same exchange; libpq then
-        # reads the outcome of every statement after it, the COMMIT's included.
-        cursor.copy_expert(query, copy_buffer(writes.results))
+        # reads the outcome of every statement after it, the COMMIT's included. The data
+        # goes in one piece: psycopg2 reads it from the file object in pieces of ``size``
+        # characters, and takes the interpreter back for each.
+        data = result_copy_text(writes)
+        cursor.copy_expert(query, io.StringIO(data), max(len(data), 8192))
     else:
         cursor.execute(query)
     if commit and cursor.connection.in_transaction():

@@ -35,6 +35,7 @@ from lis_bridge.db import make_engine, session_factory, upgrade
 from lis_bridge.lifecycle import transition
 from lis_bridge.models import MessageStatus, Sample
 from lis_bridge.orders import import_orders_csv
+from lis_bridge.types import ResultInput
 
 REPO = Path(__file__).resolve().parents[2]
 MAPPING = REPO / "mappings" / "generic_hl7.yaml"
@@ -686,3 +687,44 @@ def test_the_copy_text_is_the_one_value_at_a_time_text(rows: list[list[Any]],
     expected = "".join(
         "\t".join(_copy_text(row[name]) for name in names) + "\n" for row in dicts)
     assert copy_buffer(dicts).getvalue() == expected
+
+
+RESULT_INPUTS = st.builds(
+    ResultInput,
+    test_code=st.text(min_size=1, max_size=8), analyzer_code=st.text(max_size=8),
+    value_text=st.text(max_size=12),
+    value_number=st.one_of(st.none(), st.decimals(allow_nan=False, allow_infinity=False,
+                                                  places=4, min_value=-10**9,
+                                                  max_value=10**9)),
+    comparator=st.sampled_from(["", "<", ">=", "\t"]), units=st.text(max_size=6),
+    reference_range=st.text(max_size=10), flag=st.sampled_from(["", "H", "L\\", "N\n"]),
+    is_critical=st.booleans(), status=st.sampled_from(["P", "F", "C", "X"]),
+    observed_at=st.one_of(st.none(), st.datetimes(timezones=st.sampled_from(
+        [UTC, timezone(timedelta(hours=5, minutes=30))]))),
+    equipment=st.text(max_size=6), comments=st.lists(st.text(max_size=6), max_size=3).map(tuple))
+
+
+@given(groups=st.lists(st.tuples(st.integers(1, 10**12), st.one_of(st.none(),
+                                                                   st.integers(1, 10**12)),
+                                 st.sampled_from(["bench-hl7", "a\tb\\c"]),
+                                 st.lists(RESULT_INPUTS, min_size=1, max_size=5)),
+                       min_size=1, max_size=4))
+def test_the_fast_result_copy_text_is_the_row_by_row_text(
+        groups: list[tuple[int, int | None, str, list[ResultInput]]]) -> None:
+    """The fast lane's result rows go to PostgreSQL as lis_bridge.results_bulk.
+    result_copy_text writes them, straight from the results; it must be, byte for byte,
+    what copy_buffer makes of the same rows built one by one by result_row (the rows the
+    one-at-a-time path inserts): escapes, NULLs, numbers, booleans, times, comments."""
+    from lis_bridge.results_bulk import (
+        RESULT_COPY_COLUMNS,
+        BulkWrites,
+        copy_buffer,
+        result_copy_text,
+    )
+
+    when = datetime(2026, 12, 4, 9, 30, tzinfo=UTC)
+    writes = BulkWrites([(s, m, i, tuple(items)) for s, m, i, items in groups], {}, {}, [], [],
+                        {}, when)
+    rows = [{name: row[name] for name in RESULT_COPY_COLUMNS} for row in writes.result_rows()]
+    assert set(RESULT_COPY_COLUMNS) == set(writes.result_rows()[0])
+    assert result_copy_text(writes) == copy_buffer(rows).getvalue()
