@@ -730,7 +730,12 @@ class HL7Handler:
         control_id = self.pipeline.ack_control_id(result.message_id)
         rt = self.pipeline.interfaces[interface]
         try:
-            parsed = parse_message(raw, encoding=rt.config.encoding)
+            # An accepted message was decoded whole already (in the ingest process): its
+            # MSH is all the ACK needs, read in ~10 µs instead of the whole message's ~50.
+            # Any other outcome reads it all, so that a block the driver refused (two
+            # messages in one, say) gets the lenient reject ACK as before.
+            parsed = parse_message(raw, encoding=rt.config.encoding,
+                                   header_only=result.outcome == "accepted")
         except HL7ParseError:
             return build_reject_ack(
                 raw, control_id, now,
