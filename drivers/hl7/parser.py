@@ -164,19 +164,43 @@ class Segment:
     for MSH, ``field(1)`` is the field separator itself and ``field(2)`` the encoding
     characters (PROTOCOLS 80), neither split nor unescaped."""
 
-    __slots__ = ("fields", "index", "name", "seps")
+    __slots__ = ("fields", "index", "name", "plain", "seps")
 
-    def __init__(self, name: str, fields: list[str], seps: Separators, index: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        fields: list[str],
+        seps: Separators,
+        index: int,
+        plain: bool | None = None,
+    ) -> None:
         self.name = name
         self.fields = fields  # fields[0] is the name; fields[n] is field n
         self.seps = seps
         self.index = index
+        # What is_plain() answers; None until known (parse_message knows it for most).
+        self.plain = plain
 
     def __repr__(self) -> str:
         return f"<Segment {self.name} #{self.index + 1} ({len(self.fields) - 1} fields)>"
 
     def __len__(self) -> int:
         return len(self.fields) - 1
+
+    def is_plain(self) -> bool:
+        """True when no field holds a repetition, escape or subcomponent character. Then
+        ``component(n, c)`` is simply component ``c`` of ``raw(n).split(component separator)``
+        and ``field(n)`` is ``raw(n)``, so hot paths may split once instead. Always False for
+        MSH, whose MSH-1 and MSH-2 are read differently. Worked out once: the fields are not
+        changed after parsing."""
+        plain = self.plain
+        if plain is None:
+            seps = self.seps
+            text = seps.field.join(self.fields)
+            plain = self.plain = self.name != "MSH" and not (
+                seps.repetition in text or seps.escape in text or seps.subcomponent in text
+            )
+        return plain
 
     def raw(self, n: int) -> str:
         """Field ``n`` exactly as sent (all repetitions, separators and escapes); "" if absent."""
@@ -425,7 +449,16 @@ def _find_msh(raw: bytes) -> int:
     return pos
 
 
-def _separators(msh2: str) -> Separators:
+def _separators(fsep: str, msh2: str) -> Separators:
+    """The Separators of MSH-1 ``fsep`` and MSH-2 ``msh2``. Cached: nearly every message
+    uses the same few, and Separators is immutable. Only MSH-2 of the usual length is
+    kept, so a sender cannot fill memory with long ones."""
+    if len(msh2) <= 5:
+        return _cached_separators(fsep, msh2)
+    return _make_separators(fsep, msh2)
+
+
+def _make_separators(fsep: str, msh2: str) -> Separators:
     if len(msh2) < 1:
         raise HL7ParseError("MSH-2 encoding characters are missing", segment_index=0, field="MSH-2")
     chars = list(msh2[:5])
@@ -439,12 +472,16 @@ def _separators(msh2: str) -> Separators:
             field="MSH-2",
         )
     return Separators(
+        field=fsep,
         component=chars[0],
         repetition=chars[1],
         escape=chars[2],
         subcomponent=chars[3],
         truncation=chars[4] if len(chars) > 4 else "",
     )
+
+
+_cached_separators = lru_cache(maxsize=64)(_make_separators)
 
 
 def parse_message(
@@ -479,31 +516,33 @@ def parse_message(
     if header_only:
         lines = lines[:1]
     msh_fields = lines[0].split(fsep)
-    seps = _separators(msh_fields[1] if len(msh_fields) > 1 else "")
-    seps = Separators(
-        field=fsep,
-        component=seps.component,
-        repetition=seps.repetition,
-        escape=seps.escape,
-        subcomponent=seps.subcomponent,
-        truncation=seps.truncation,
-    )
+    seps = _separators(fsep, msh_fields[1] if len(msh_fields) > 1 else "")
     msh_fields.insert(1, fsep)  # PROTOCOLS 80: MSH-1 is the separator itself
     segments = [Segment("MSH", msh_fields, seps, 0)]
+    # Most messages have no repetition, escape or subcomponent after MSH-2: then one scan
+    # tells each segment it is plain (Segment.is_plain); otherwise each finds out if asked.
+    after_msh = len(lines[0])
+    plain = not any(
+        text_norm.find(char, after_msh) >= 0
+        for char in (seps.repetition, seps.escape, seps.subcomponent)
+    )
+    known_names: set[str] = set()  # names already checked: most repeat (25 OBX)
     for line in lines[1:]:
         if not line or line.isspace():
             continue
         fields = line.split(fsep)
         name = fields[0]
-        if len(name) != 3 or not _SEGMENT_NAME.match(name):
-            stripped = name.strip().strip("\x1c\x0b")
-            if not stripped:
+        if name not in known_names:
+            if len(name) != 3 or not _SEGMENT_NAME.match(name):
+                stripped = name.strip().strip("\x1c\x0b")
+                if not stripped:
+                    continue
+                warnings.append(
+                    f"line {len(segments) + 1} does not start with a segment name "
+                    f"({stripped[:12]!r}...); it was ignored"
+                )
                 continue
-            warnings.append(
-                f"line {len(segments) + 1} does not start with a segment name "
-                f"({stripped[:12]!r}...); it was ignored"
-            )
-            continue
+            known_names.add(name)
         if name == "MSH":
             # Two messages in one block would mix one message's results into the other's
             # specimen and ACK only the first: refuse rather than guess.
@@ -514,7 +553,7 @@ def parse_message(
                 segment_index=len(segments),
                 field="MSH",
             )
-        segments.append(Segment(name, fields, seps, len(segments)))
+        segments.append(Segment(name, fields, seps, len(segments), plain or None))
     message = HL7Message(raw, text, codec, seps, segments, warnings)
     _check_header(message)
     return message
