@@ -7,7 +7,8 @@ critical limits, and how analyzer flags normalise to ``L H LL HH A N``.
 
 ``load_mapping`` validates the whole file and reports *every* problem with file, line, key
 path and what was expected. ``AnalyzerMapping.map_specimen`` runs for every message, so all
-lookups are compiled at load time into plain dicts.
+lookups are compiled at load time into plain dicts, and what each analyzer text (code, units,
+range, flags, status, value) means is worked out once and remembered in bounded memos.
 
 Safety rules:
 - a code the mapping does not know is never dropped: it comes back in ``unmapped`` (the
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import structlog
 import yaml
@@ -271,6 +273,156 @@ def parse_unmapped_detail(detail: str) -> list[str]:
     return [code.strip() for code in listed.split(", ") if code.strip()]
 
 
+# --------------------------------------------------------------------------- hot-path helpers
+
+# ResultInput's fields, in order: map_specimen passes them by position, which costs a good
+# deal less than by keyword on a path that builds one per result. Checked at import so a
+# reordering in lis_bridge fails loudly instead of shuffling values between fields.
+_RESULT_FIELDS = (
+    "test_code", "analyzer_code", "value_text", "value_number", "comparator", "units",
+    "reference_range", "flag", "is_critical", "status", "observed_at", "equipment",
+    "comments", "raw_units", "raw_flags",
+)
+if tuple(f.name for f in fields(ResultInput))[:len(_RESULT_FIELDS)] != _RESULT_FIELDS:
+    raise ImportError("lis_bridge.types.ResultInput's fields changed order; update "
+                      "engine.mapping._RESULT_FIELDS and AnalyzerMapping._map_observation")
+
+# Memo keys are analyzer text, which comes from outside, so no memo may grow without
+# bound: a memo holds so many entries before it starts again, and does not keep a key
+# longer than so many characters (a narrative text result, say) at all.
+_MEMO_LIMIT = 4096
+_MEMO_KEY_CHARS = 256
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+_Bounds = tuple[Decimal | None, Decimal | None]
+
+
+class _Memo(dict[_K, _V]):
+    """``memo[key]`` is ``compute(key)``, computed once; forgotten wholesale past the limit.
+
+    ``compute`` must depend on the key alone (and on the mapping, which does not change
+    once loaded), so a memoised answer is always the answer.
+    """
+
+    __slots__ = ("_compute", "_limit")
+
+    def __init__(self, compute: Callable[[_K], _V]) -> None:
+        super().__init__()
+        self._compute = compute
+        self._limit = _MEMO_LIMIT
+
+    def __missing__(self, key: _K) -> _V:
+        value = self._compute(key)
+        if _key_chars(key) <= _MEMO_KEY_CHARS:
+            if len(self) >= self._limit:
+                self.clear()
+            self[key] = value
+        return value
+
+
+def _key_chars(key: object) -> int:
+    """The characters of text in a memo key (a string, or a tuple holding strings)."""
+    if isinstance(key, str):
+        return len(key)
+    if isinstance(key, tuple):
+        return sum(_key_chars(part) for part in key)
+    return 0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _CompiledTest:
+    """What map_specimen needs of one TestMapping beyond the entry itself, worked out at
+    load. Compared (and hashed) by identity: it is part of memo keys."""
+
+    rule: TestMapping
+    # the end of the "units ... are not declared" reason
+    undeclared_units: str
+    # reference ranges / critical limits: chosen per patient, or the same for everyone
+    range_by_patient: bool
+    fixed_range: ReferenceRange | None
+    critical_by_patient: bool
+    fixed_critical: ReferenceRange | None
+    # id(reference range) -> its display, filled on first use: formatting may fail (a
+    # range too long for the decimals), and must fail as before, when a result needs it
+    displays: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def compile(cls, rule: TestMapping) -> _CompiledTest:
+        range_by_patient = _by_patient(rule.reference_ranges)
+        critical_by_patient = _by_patient(rule.critical_limits)
+        return cls(
+            rule=rule,
+            undeclared_units=f"(declared: {', '.join(rule.declared_units())}); add them to "
+                             f"tests.{rule.analyzer_code}.units (accept, or convert with a "
+                             "factor)",
+            range_by_patient=range_by_patient,
+            # not by patient: every entry matches everyone, so the choice is fixed
+            fixed_range=None if range_by_patient else rule.range_for("U", None),
+            critical_by_patient=critical_by_patient,
+            fixed_critical=None if critical_by_patient else rule.critical_for("U", None),
+        )
+
+    def range_for(self, sex: str, age_years: float | None) -> ReferenceRange | None:
+        if not self.range_by_patient:
+            return self.fixed_range
+        return self.rule.range_for(sex, age_years)
+
+    def display(self, chosen: ReferenceRange) -> str:
+        """``chosen.display(decimals)``, formatted once per range."""
+        shown = self.displays.get(id(chosen))
+        if shown is None:
+            shown = self.displays[id(chosen)] = chosen.display(self.rule.decimals)
+        return shown
+
+
+def _by_patient(entries: Sequence[ReferenceRange]) -> bool:
+    # With no sex and no ages anywhere, every entry matches everyone: the first one wins.
+    return any(r.sex or r.age_min is not None or r.age_max is not None for r in entries)
+
+
+class _RangeReading(NamedTuple):
+    """What the analyzer's range text means for one test in one unit."""
+
+    shown: str | None  # the range to show; None: the mapping's range for the patient
+    bounds: _Bounds | None  # the bounds flags are decided on, when own_bounds
+    own_bounds: bool  # False: the mapping's range for the patient gives the bounds
+    warning: str  # "" or a warning, without the "<code>: " it is given per result
+
+
+class _FlagReading(NamedTuple):
+    """What an observation's analyzer flags say, under this mapping's flag table."""
+
+    flag: str  # normalised, "" for none
+    warnings: tuple[str, ...]  # without the "<code>: " they are given per result
+    critical_text: bool  # HL7 AA (critically abnormal) among them
+    raw: str  # the flags as sent, comma-separated (ResultInput.raw_flags)
+
+
+class _Memos:
+    """map_specimen's memos for one mapping. Analyzers send the same codes, units, ranges,
+    flags and statuses in message after message, so what each text means under this mapping
+    is worked out on first sight and remembered."""
+
+    __slots__ = ("codes", "flags", "ignore_rules", "numbers", "ranges", "statuses", "units")
+
+    def __init__(self, mapping: AnalyzerMapping) -> None:
+        # analyzer code as sent -> (stripped, normalised, its test or None)
+        self.codes: _Memo[str, tuple[str, str, _CompiledTest | None]] = _Memo(mapping._read_code)
+        # units as sent -> (unit key, stripped)
+        self.units: _Memo[str, tuple[str, str]] = _Memo(_read_units)
+        # value text -> (comparator, number, too large to store)
+        self.numbers: _Memo[str, tuple[str, Decimal | None, bool]] = _Memo(_read_number)
+        # (test, unit key, range text as sent) -> reading
+        self.ranges: _Memo[tuple[_CompiledTest, str, str], _RangeReading] = _Memo(_read_range)
+        self.flags: _Memo[tuple[str, ...], _FlagReading] = _Memo(mapping._read_flags)
+        # status as sent -> (result status, "" or warning without "<code>: ")
+        self.statuses: _Memo[str, tuple[str, str]] = _Memo(mapping._read_status)
+        # (normalised code, unit key, value type as sent) -> ignored on purpose
+        self.ignore_rules: _Memo[tuple[str, str, str], bool] = _Memo(mapping._read_ignore)
+
+
 # --------------------------------------------------------------------------- the mapping
 
 
@@ -295,6 +447,9 @@ class AnalyzerMapping:
     _ignored: frozenset[str] = frozenset()
     _ignore_rules: tuple[tuple[str | None, str | None, str | None], ...] = ()
     _order_code: dict[str, str] = field(default_factory=dict, repr=False)
+    # compiled in __post_init__ for map_specimen: normalised code -> its test, and memos
+    _compiled: dict[str, _CompiledTest] = field(init=False, repr=False, compare=False)
+    _memos: _Memos = field(init=False, repr=False, compare=False)
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -344,29 +499,38 @@ class AnalyzerMapping:
 
     # -- the hot path ----------------------------------------------------------------------
 
+    def __post_init__(self) -> None:
+        # What map_specimen needs, per normalised code, beyond the TestMapping (shared by
+        # a code and its aliases), and its memos.
+        compiled = {id(rule): _CompiledTest.compile(rule) for rule in self.tests}
+        object.__setattr__(self, "_compiled", {
+            key: compiled[id(rule)] for key, rule in self._by_code.items()})
+        object.__setattr__(self, "_memos", _Memos(self))
+
     def map_specimen(
         self, specimen: SpecimenResults, *, sex: str = "U", age_years: float | None = None
     ) -> MappedSpecimen:
         """Translate one specimen's observations into LIS results."""
         sex = _normalise_sex(sex)
+        memos = self._memos
         results: list[ResultInput] = []
         unmapped: list[UnmappedCode] = []
         ignored: list[str] = []
         warnings: list[str] = []
-        seen: dict[str, int] = {}
+        seen: set[str] = set()
+        repeated: set[str] = set()
         for observation in specimen.observations:
-            raw_code = observation.analyzer_code.strip()
-            key = self.normalise_code(raw_code)
-            units_key = _unit_key(observation.units)
-            if self._ignore_rules and self._matches_ignore_rule(key, units_key, observation):
+            raw_code, key, test = memos.codes[observation.analyzer_code]
+            units_key, units = memos.units[observation.units]
+            if self._ignore_rules and memos.ignore_rules[
+                    (key, units_key, observation.value_type)]:
                 ignored.append(raw_code or NO_CODE)
                 continue
             if not raw_code:
                 unmapped.append(UnmappedCode(NO_CODE, "the observation has no analyzer code "
                                              "(check the driver's code_field option)"))
                 continue
-            rule = self._by_code.get(key)
-            if rule is None:
+            if test is None:
                 if key in self._ignored:
                     ignored.append(raw_code)
                 else:
@@ -376,11 +540,13 @@ class AnalyzerMapping:
                         "map it under tests: or list it under ignore:",
                     ))
                 continue
-            seen[key] = seen.get(key, 0) + 1
-            if seen[key] == 2:
+            if key not in seen:
+                seen.add(key)
+            elif key not in repeated:  # warned once per code, at its second appearance
+                repeated.add(key)
                 warnings.append(f"analyzer code {raw_code} appears more than once")
-            outcome = self._map_observation(rule, observation, raw_code, units_key, sex,
-                                            age_years, warnings)
+            outcome = self._map_observation(test, observation, raw_code, units_key, units,
+                                            sex, age_years, warnings)
             if isinstance(outcome, UnmappedCode):
                 unmapped.append(outcome)
             else:
@@ -393,10 +559,118 @@ class AnalyzerMapping:
             warnings=tuple(warnings),
         )
 
-    def _matches_ignore_rule(self, key: str, units_key: str, observation: Observation) -> bool:
-        value_type = observation.value_type.strip().upper()
+    def _map_observation(
+        self,
+        test: _CompiledTest,
+        observation: Observation,
+        raw_code: str,
+        units_key: str,
+        units: str,
+        sex: str,
+        age_years: float | None,
+        warnings: list[str],
+    ) -> ResultInput | UnmappedCode:
+        rule = test.rule
+        memos = self._memos
+        comparator, number, too_large = memos.numbers[observation.value_text]
+        try:
+            conversion = rule.unit_table[units_key]
+        except KeyError:
+            if number is not None or units_key:
+                return UnmappedCode(raw_code, f"units {units!r} are not declared for "
+                                    f"{rule.test_code} {test.undeclared_units}")
+            conversion = None  # a text result without units: nothing to convert
+
+        # Converting or rounding makes a new number, so "too large" is decided again.
+        converts = conversion is not None or rule.decimals is not None
+        if number is not None and converts:
+            number = _convert_and_round(number, conversion, rule.decimals)
+            too_large = number is not None and abs(number) >= _MAX_MAGNITUDE
+        if too_large:
+            warnings.append(f"{raw_code}: value too large to store as a number; kept as text")
+            number = None
+
+        shown_range, bounds, own_bounds, range_warning = memos.ranges[
+            (test, units_key, observation.reference_range)]
+        if range_warning:
+            warnings.append(f"{raw_code}: {range_warning}")
+        if own_bounds:
+            reference_range = shown_range or ""  # always text here
+        else:
+            # The mapping's range for the patient gives the bounds, and the display unless
+            # the analyzer's unreadable text is kept.
+            chosen = test.range_for(sex, age_years)
+            bounds = None if chosen is None else (chosen.low, chosen.high)
+            if shown_range is not None:
+                reference_range = shown_range
+            else:
+                reference_range = "" if chosen is None else test.display(chosen)
+
+        flag, flag_warnings, critical_text, raw_flags = memos.flags[observation.flags]
+        for warning in flag_warnings:
+            warnings.append(f"{raw_code}: {warning}")
+        if number is not None and bounds is not None and flag in ("", "N"):
+            # The range printed beside the value decides when the analyzer sent no flag, or
+            # only N: a report must never show a value outside its range unflagged.
+            flag = _flag_from_range(comparator, number, bounds[0], bounds[1]) or flag
+        # HL7 table 0078 AA = critically abnormal: critical even for a text result.
+        is_critical = flag in ("LL", "HH") or critical_text
+        limits = (test.fixed_critical if not test.critical_by_patient
+                  else rule.critical_for(sex, age_years))
+        if number is not None and limits is not None:
+            critical = _flag_from_range(comparator, number, limits.low, limits.high)
+            if critical in ("L", "H"):
+                is_critical = True
+                flag = "LL" if critical == "L" else "HH"
+
+        status, status_warning = memos.statuses[observation.status]
+        if status_warning:
+            warnings.append(f"{raw_code}: {status_warning}")
+
+        value_text = observation.value_text
+        comments = observation.comments
+        if number is not None and converts:
+            # What is shown is the number flags and critical limits were decided on
+            # (converted, rounded to the mapping's decimals) in the unit shown beside it:
+            # never "90 mmol/L" for 90 mg/dL. The analyzer's own text is kept as a comment
+            # when it differs, and byte for byte in the stored message.
+            shown = f"{comparator}{number:f}"
+            if _plain(shown) != _plain(value_text):
+                comments = (*comments, f"as sent by the analyzer: {value_text.strip()} "
+                            f"{units}".rstrip())
+            value_text = shown
+        # by position, in _RESULT_FIELDS order (checked at import)
+        return ResultInput(
+            rule.test_code,  # test_code
+            raw_code,  # analyzer_code
+            value_text,  # value_text
+            number,  # value_number
+            comparator,  # comparator
+            # a text result (POSITIVE) has no unit of its own to show
+            rule.ucum if number is not None else units,  # units
+            reference_range,  # reference_range
+            flag,  # flag
+            is_critical,  # is_critical
+            status,  # status
+            observation.observed_at,  # observed_at
+            observation.equipment,  # equipment
+            comments,  # comments
+            observation.units,  # raw_units
+            raw_flags,  # raw_flags
+        )
+
+    # -- what analyzer text means under this mapping (computed once, see _Memos) ------------
+
+    def _read_code(self, code: str) -> tuple[str, str, _CompiledTest | None]:
+        raw_code = code.strip()
+        key = self.normalise_code(raw_code)
+        return raw_code, key, self._compiled.get(key)
+
+    def _read_ignore(self, key: tuple[str, str, str]) -> bool:
+        code_key, units_key, value_type = key
+        value_type = value_type.strip().upper()
         for code, units, wanted_type in self._ignore_rules:
-            if code is not None and code != key:
+            if code is not None and code != code_key:
                 continue
             if units is not None and units != units_key:
                 continue
@@ -405,133 +679,10 @@ class AnalyzerMapping:
             return True
         return False
 
-    def _map_observation(
-        self,
-        rule: TestMapping,
-        observation: Observation,
-        raw_code: str,
-        units_key: str,
-        sex: str,
-        age_years: float | None,
-        warnings: list[str],
-    ) -> ResultInput | UnmappedCode:
-        comparator, number = parse_number(observation.value_text)
-        if comparator == "=":
-            comparator = ""
-        if units_key not in rule.unit_table:
-            if number is None and not units_key:
-                conversion = None  # a text result without units: nothing to convert
-            else:
-                return UnmappedCode(
-                    raw_code,
-                    f"units {observation.units.strip()!r} are not declared for {rule.test_code}"
-                    f" (declared: {', '.join(rule.declared_units())}); add them to "
-                    f"tests.{rule.analyzer_code}.units (accept, or convert with a factor)",
-                )
-        else:
-            conversion = rule.unit_table[units_key]
-
-        if number is not None:
-            number = _convert_and_round(number, conversion, rule.decimals)
-            if number is not None and abs(number) >= _MAX_MAGNITUDE:
-                warnings.append(f"{raw_code}: value too large to store as a number; kept as text")
-                number = None
-
-        reference_range, bounds = self._reference_range(
-            rule, observation.reference_range, conversion, sex, age_years, raw_code, warnings
-        )
-        flag = self._analyzer_flag(observation.flags, raw_code, warnings)
-        if number is not None and bounds is not None and flag in ("", "N"):
-            # The range printed beside the value decides when the analyzer sent no flag, or
-            # only N: a report must never show a value outside its range unflagged.
-            flag = _flag_from_range(comparator, number, bounds[0], bounds[1]) or flag
-        # HL7 table 0078 AA = critically abnormal: critical even for a text result.
-        is_critical = flag in ("LL", "HH") or any(
-            f.strip().upper() == "AA" for f in observation.flags)
-        limits = rule.critical_for(sex, age_years) if rule.critical_limits else None
-        if number is not None and limits is not None:
-            critical = _flag_from_range(comparator, number, limits.low, limits.high)
-            if critical in ("L", "H"):
-                is_critical = True
-                flag = "LL" if critical == "L" else "HH"
-
-        status_raw = observation.status.strip().upper()
-        status = self.status_table.get(status_raw)
-        if status is None:
-            warnings.append(f"{raw_code}: result status {status_raw!r} is not known; "
-                            "stored as preliminary (P)")
-            status = "P"
-
-        value_text = observation.value_text
-        comments = observation.comments
-        if number is not None and (conversion is not None or rule.decimals is not None):
-            # What is shown is the number flags and critical limits were decided on
-            # (converted, rounded to the mapping's decimals) in the unit shown beside it:
-            # never "90 mmol/L" for 90 mg/dL. The analyzer's own text is kept as a comment
-            # when it differs, and byte for byte in the stored message.
-            shown = f"{comparator}{number:f}"
-            if _plain(shown) != _plain(value_text):
-                comments = (*comments, f"as sent by the analyzer: {value_text.strip()} "
-                            f"{observation.units.strip()}".rstrip())
-            value_text = shown
-        return ResultInput(
-            test_code=rule.test_code,
-            analyzer_code=raw_code,
-            value_text=value_text,
-            value_number=number,
-            comparator=comparator,
-            # a text result (POSITIVE) has no unit of its own to show
-            units=rule.ucum if number is not None else observation.units.strip(),
-            reference_range=reference_range,
-            flag=flag,
-            is_critical=is_critical,
-            status=status,
-            observed_at=observation.observed_at,
-            equipment=observation.equipment,
-            comments=comments,
-            raw_units=observation.units,
-            raw_flags=",".join(observation.flags),
-        )
-
-    def _reference_range(
-        self,
-        rule: TestMapping,
-        analyzer_text: str,
-        conversion: UnitConversion | None,
-        sex: str,
-        age_years: float | None,
-        raw_code: str,
-        warnings: list[str],
-    ) -> tuple[str, tuple[Decimal | None, Decimal | None] | None]:
-        text = analyzer_text.strip()
-        use_mapping = rule.prefer_mapping_range or not _meaningful_range(text)
-        if not use_mapping:
-            parsed = _parse_range(text)
-            if conversion is not None:
-                if parsed is None:
-                    warnings.append(f"{raw_code}: the analyzer's range {text!r} is in "
-                                    f"{conversion.from_units} and unreadable; the mapping's "
-                                    "range is used")
-                    use_mapping = True
-                else:
-                    low = _convert_and_round(parsed[0], conversion, rule.decimals)
-                    high = _convert_and_round(parsed[1], conversion, rule.decimals)
-                    return _range_text(low, high, rule.decimals), (low, high)
-            else:
-                if parsed is None:
-                    # Kept as the analyzer wrote it; a flag can still come from the mapping.
-                    chosen = rule.range_for(sex, age_years)
-                    bounds = (chosen.low, chosen.high) if chosen else None
-                    return text[:_REFERENCE_RANGE_MAX], bounds
-                return _range_text(parsed[0], parsed[1], None, raw=parsed[2]), parsed[:2]
-        chosen = rule.range_for(sex, age_years)
-        if chosen is None:
-            return "", None
-        return chosen.display(rule.decimals), (chosen.low, chosen.high)
-
-    def _analyzer_flag(self, flags: tuple[str, ...], raw_code: str, warnings: list[str]) -> str:
+    def _read_flags(self, flags: tuple[str, ...]) -> _FlagReading:
         best = ""
         directions: set[str] = set()
+        warnings: list[str] = []
         for raw in flags:
             text = raw.strip().upper()
             if not text or text == '""':
@@ -541,8 +692,8 @@ class AnalyzerMapping:
                 if self.unknown_flag == "abnormal":
                     normal = "A"
                 else:
-                    warnings.append(f"{raw_code}: analyzer flag {raw.strip()!r} is not in the "
-                                    "flag table; ignored (add it under flags:)")
+                    warnings.append(f"analyzer flag {raw.strip()!r} is not in the flag table; "
+                                    "ignored (add it under flags:)")
                     continue
             if normal in ("L", "LL"):
                 directions.add("L")
@@ -551,10 +702,20 @@ class AnalyzerMapping:
             if _FLAG_SEVERITY[normal] > _FLAG_SEVERITY[best]:
                 best = normal
         if len(directions) == 2:
-            warnings.append(f"{raw_code}: analyzer flags {','.join(flags)} say both low and high;"
-                            " flagged A")
-            return "A"
-        return best
+            warnings.append(f"analyzer flags {','.join(flags)} say both low and high; "
+                            "flagged A")
+            best = "A"
+        critical_text = any(f.strip().upper() == "AA" for f in flags)
+        return _FlagReading(best, tuple(warnings), critical_text, ",".join(flags))
+
+    def _read_status(self, status: str) -> tuple[str, str]:
+        status_raw = status.strip().upper()
+        known = self.status_table.get(status_raw)
+        if known is None:
+            # a result is never made final by guessing
+            return "P", (f"result status {status_raw!r} is not known; stored as "
+                         "preliminary (P)")
+        return known, ""
 
 
 # --------------------------------------------------------------------------- value helpers
@@ -573,6 +734,44 @@ def _unit_key(units: str) -> str:
     # " umol/L " (Mindray) and "Copies / mL" (Abbott): spaces carry no meaning in a unit.
     # Case is folded: analyzers mix "mmol/l" and "mmol/L" (PROTOCOLS 69).
     return "".join(units.split()).casefold()
+
+
+def _read_units(units: str) -> tuple[str, str]:
+    return _unit_key(units), units.strip()
+
+
+def _read_number(text: str) -> tuple[str, Decimal | None, bool]:
+    """(comparator, number, too large to store) from a value as sent; "=" is no comparator."""
+    comparator, number = parse_number(text)
+    if comparator == "=":
+        comparator = ""
+    return comparator, number, number is not None and abs(number) >= _MAX_MAGNITUDE
+
+
+def _read_range(key: tuple[_CompiledTest, str, str]) -> _RangeReading:
+    """What the analyzer's range text means for one test when its value came in one unit:
+    the analyzer's range is used when it sends one (converted with the value), unless the
+    test prefers the mapping's range."""
+    test, units_key, analyzer_text = key
+    rule = test.rule
+    conversion = rule.unit_table.get(units_key)  # None for a text result without units
+    text = analyzer_text.strip()
+    if rule.prefer_mapping_range or not _meaningful_range(text):
+        return _RangeReading(None, None, False, "")
+    parsed = _parse_range(text)
+    if parsed is None:
+        if conversion is not None:
+            return _RangeReading(None, None, False, (
+                f"the analyzer's range {text!r} is in {conversion.from_units} and "
+                "unreadable; the mapping's range is used"))
+        # Kept as the analyzer wrote it; a flag can still come from the mapping.
+        return _RangeReading(text[:_REFERENCE_RANGE_MAX], None, False, "")
+    if conversion is not None:
+        low = _convert_and_round(parsed[0], conversion, rule.decimals)
+        high = _convert_and_round(parsed[1], conversion, rule.decimals)
+        return _RangeReading(_range_text(low, high, rule.decimals), (low, high), True, "")
+    return _RangeReading(_range_text(parsed[0], parsed[1], None, raw=parsed[2]), parsed[:2],
+                         True, "")
 
 
 def _normalise_sex(sex: str) -> str:
@@ -679,6 +878,12 @@ def _flag_from_range(
     """
     if low is None and high is None:
         return None
+    if not comparator:  # the common case, a plain value: the rules below reduce to this
+        if low is not None and value < low:
+            return "L"
+        if high is not None and value > high:
+            return "H"
+        return "N"
     below = comparator.startswith("<")
     above = comparator.startswith(">")
     inclusive = comparator.endswith("=")  # "<=2.5" may be exactly 2.5
