@@ -49,15 +49,19 @@ ADMIN_TOKEN = "bench-admin-token"  # noqa: S105 - a local bench engine on 127.0.
 DEFAULT_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/labrelay_bench"
 
 
-def oru(specimen_id: str, control_id: str) -> bytes:
+def oru(specimen_id: str, control_id: str, seq: int = 0) -> bytes:
+    """The bench's message. Its values differ from one message (``seq``) to the next, as
+    a lab's do (600 values in the 3.00-8.99 range), so that nothing the engine remembers
+    of values it has seen flatters the figures."""
     segments = [
         f"MSH|^~\\&|BENCH|LAB|LIS|LAB|20261125120000||ORU^R01^ORU_R01|{control_id}|P|2.5.1",
         "PID|1||BENCHPID||Bench^Patient",
         f"OBR|1|{specimen_id}|{specimen_id}|PANEL^Bench panel",
     ]
     for n, code in enumerate(TESTS, start=1):
+        value = 3 + (seq * 7919 + n * 104729) % 600 / 100
         segments.append(
-            f"OBX|{n}|NM|{code}^Test {code}||{4 + n / 10:.2f}|mmol/L|3.0-9.0|N|||F|||20261125115900"
+            f"OBX|{n}|NM|{code}^Test {code}||{value:.2f}|mmol/L|3.0-9.0|N|||F|||20261125115900"
         )
     return ("\r".join(segments) + "\r").encode()
 
@@ -378,7 +382,7 @@ def main() -> None:
                         url = fresh_postgres(args.postgres) or url
                     prepare_database(url, args.messages + WARM_UP)
                     tag = f"{time.time_ns()}"
-                    messages = [oru(f"B{i:07d}", f"{tag}-{i}")
+                    messages = [oru(f"B{i:07d}", f"{tag}-{i}", i)
                                 for i in range(args.messages + WARM_UP)]
                     port = free_port()
                     env = dict(os.environ, LABRELAY_DATABASE_URL=url, PYTHONPATH=str(REPO))
