@@ -117,7 +117,9 @@ _RESULT_STATUSES = ("P", "F", "C", "X")
 _MAX_FILE_BYTES = 4 * 1024 * 1024
 _MAX_NODES = 200_000
 # Numeric(24, 8) in the results table: larger magnitudes cannot be stored as numbers.
-_MAX_MAGNITUDE = Decimal(10) ** 15
+_MAX_DIGITS = 15
+_ABSURD_EXPONENT = 9999
+_MAX_MAGNITUDE = Decimal(10) ** _MAX_DIGITS
 _REFERENCE_RANGE_MAX = 100  # results.reference_range is String(100)
 
 _NUMBER_TEXT = r"[+-]?(?:\d+(?:[.,]\d*)?|[.,]\d+)"
@@ -745,7 +747,19 @@ def _read_number(text: str) -> tuple[str, Decimal | None, bool]:
     comparator, number = parse_number(text)
     if comparator == "=":
         comparator = ""
-    return comparator, number, number is not None and abs(number) >= _MAX_MAGNITUDE
+    if number is None:
+        return comparator, None, False
+    # Judged by the exponent, not by abs(number) >= _MAX_MAGNITUDE: an analyzer's
+    # "1e99999999999" overflows the decimal context, an exception that would fail the whole
+    # message. For a nonzero number the two tests agree. An absurd exponent is kept as text
+    # before any arithmetic: too large (with the warning) when the number is, else (zero,
+    # or 1e-99999999999) as no number at all; PostgreSQL reads neither.
+    exponent = number.adjusted()
+    if not -_ABSURD_EXPONENT <= exponent <= _ABSURD_EXPONENT:
+        if number and exponent > 0:
+            return comparator, None, True
+        return "", None, False
+    return comparator, number, bool(number) and exponent >= _MAX_DIGITS
 
 
 def _read_range(key: tuple[_CompiledTest, str, str]) -> _RangeReading:
@@ -812,7 +826,7 @@ def _convert_and_round(
         if decimals is not None:
             return _round(value, decimals)
         return value
-    except InvalidOperation:
+    except ArithmeticError:  # InvalidOperation; Overflow of an absurd exponent
         return None
 
 

@@ -653,3 +653,29 @@ def test_critical_limits_by_patient_are_checked(tmp_path: Path) -> None:
     assert "tests.K.critical[2]: ages are years and must be positive (critical)" in text
     assert "tests.K.critical[3].text: unknown key" in text
     assert "tests.NA.critical: an empty list; leave critical out instead" in text
+
+
+@pytest.mark.parametrize("value", ["1e99999999999", "-1e99999999999", ">1e99999999999",
+                                   "1e10000"])
+@pytest.mark.parametrize("code,units", [("GLU", "mg/dL"), ("GLU", "mmol/L"), ("CREA", "umol/L")])
+def test_absurd_exponent_is_kept_as_text_with_a_warning(mapping: AnalyzerMapping, value: str,
+                                                        code: str, units: str) -> None:
+    """An analyzer value with an absurd exponent overflowed the decimal context, an exception
+    that failed the whole message (every result of it held as an internal error). It is
+    kept as text, as any number too large to store, converted or not."""
+    mapped = mapping.map_specimen(SpecimenResults("S1", (obs(code, value, units, "3-9"),)))
+    assert not mapped.unmapped
+    (result,) = mapped.results
+    assert result.value_number is None
+    assert result.value_text == value
+    assert any("value too large to store as a number; kept as text" in w
+               for w in mapped.warnings)
+
+
+@pytest.mark.parametrize("value", ["1e-99999999999", "0E+99999999999", "0e-99999999999"])
+def test_absurdly_small_or_zero_exponent_is_text(mapping: AnalyzerMapping, value: str) -> None:
+    """Zero or a number with an exponent PostgreSQL does not read (it stores down to
+    1e-16383) is kept as text, not as a number the database would refuse."""
+    result = one(mapping, obs("CREA", value, "umol/L"))
+    assert result.value_number is None
+    assert result.value_text == value
