@@ -122,7 +122,10 @@ _ABSURD_EXPONENT = 9999
 _MAX_MAGNITUDE = Decimal(10) ** _MAX_DIGITS
 _REFERENCE_RANGE_MAX = 100  # results.reference_range is String(100)
 
-_NUMBER_TEXT = r"[+-]?(?:\d+(?:[.,]\d*)?|[.,]\d+)"
+# With its exponent, as parse_number reads a value: a viral load's range "2.0E+01-1.7E+08"
+# was read as "+01 - 1.7" (the search began inside the first number), so a value above
+# the range could be flagged normal, and the wrong range was shown.
+_NUMBER_TEXT = r"[+-]?(?:\d+(?:[.,]\d*)?|[.,]\d+)(?:[eE][+-]?\d+)?"
 # "3.08 - 6.44", "0.3 to 4.5", "84.0 - 94.0^REFERENCE_RANGE", "([ Normal : 1.5 - 4.2 ] )",
 # "40.000000-" (open upper bound), "-9999900 - " (PROTOCOLS 69, 94).
 _RANGE_TWO = re.compile(
@@ -868,6 +871,8 @@ def _parse_range(text: str) -> tuple[Decimal | None, Decimal | None, tuple[str, 
     if one:
         value_text = one.group("value")
         value = Decimal(value_text.replace(",", "."))
+        if _absurd(value):
+            return None
         if one.group("op").startswith("<"):
             return None, value, ("", value_text)
         return value, None, (value_text, "")
@@ -879,7 +884,13 @@ def _parse_range(text: str) -> tuple[Decimal | None, Decimal | None, tuple[str, 
     high = Decimal(high_text.replace(",", ".")) if high_text else None
     if high is not None and high < low:
         return None
+    if _absurd(low) or (high is not None and _absurd(high)):
+        return None  # no arithmetic on 1e99999999999: the text is kept, no flag from it
     return low, high, (low_text, high_text)
+
+
+def _absurd(number: Decimal) -> bool:
+    return bool(number) and not -_ABSURD_EXPONENT <= number.adjusted() <= _ABSURD_EXPONENT
 
 
 def _flag_from_range(

@@ -679,3 +679,30 @@ def test_absurdly_small_or_zero_exponent_is_text(mapping: AnalyzerMapping, value
     result = one(mapping, obs("CREA", value, "umol/L"))
     assert result.value_number is None
     assert result.value_text == value
+
+
+@pytest.mark.parametrize("value,rng,flag,shown", [
+    # A viral load and its range in scientific notation were read as "+01 - 1.7": a value
+    # a hundred million times the upper limit came out normal.
+    ("1.2E+09", "2.0E+01-1.7E+08", "H", "2.0E+01 - 1.7E+08"),
+    ("5.0E+02", "2.0E+01-1.7E+08", "N", "2.0E+01 - 1.7E+08"),
+    ("5.0E-4", "1.0E-4-3.0E-4", "H", "1.0E-4 - 3.0E-4"),
+    ("2.0e-4", "1.0e-4 - 3.0e-4", "N", "1.0e-4 - 3.0e-4"),
+    ("50", "1E+2-3E+2", "L", "1E+2 - 3E+2"),
+    ("0.5", "-1-1", "N", "-1 - 1"),
+    ("5", "<1.5E+1", "N", "< 1.5E+1"),
+    # no arithmetic on an absurd exponent: the text is shown, no flag is taken from it
+    ("5", "1e-99999999999-1", "", "1e-99999999999-1"),
+    ("5", "<1e99999999999", "", "<1e99999999999"),
+])
+def test_range_in_scientific_notation(tmp_path: Path, value: str, rng: str, flag: str,
+                                      shown: str) -> None:
+    mapping = load_mapping(write(tmp_path, """\
+        metadata: {analyzer: t, protocol: hl7, version: '1'}
+        tests:
+          VL:
+            test: VL
+            units: {ucum: "[iU]/mL"}
+        """))
+    result = one(mapping, obs("VL", value, "[iU]/mL", rng))
+    assert (result.flag, result.reference_range) == (flag, shown)
