@@ -870,8 +870,8 @@ def _parse_range(text: str) -> tuple[Decimal | None, Decimal | None, tuple[str, 
     one = _RANGE_ONE.match(text.split("^", 1)[0])
     if one:
         value_text = one.group("value")
-        value = Decimal(value_text.replace(",", "."))
-        if _absurd(value):
+        value = _range_number(value_text)
+        if value is None:
             return None
         if one.group("op").startswith("<"):
             return None, value, ("", value_text)
@@ -880,17 +880,26 @@ def _parse_range(text: str) -> tuple[Decimal | None, Decimal | None, tuple[str, 
     if not two:
         return None
     low_text, high_text = two.group("low"), two.group("high") or ""
-    low = Decimal(low_text.replace(",", "."))
-    high = Decimal(high_text.replace(",", ".")) if high_text else None
+    low = _range_number(low_text)
+    high = _range_number(high_text) if high_text else None
+    if low is None or (high_text and high is None):
+        return None
     if high is not None and high < low:
         return None
-    if _absurd(low) or (high is not None and _absurd(high)):
-        return None  # no arithmetic on 1e99999999999: the text is kept, no flag from it
     return low, high, (low_text, high_text)
 
 
-def _absurd(number: Decimal) -> bool:
-    return bool(number) and not -_ABSURD_EXPONENT <= number.adjusted() <= _ABSURD_EXPONENT
+def _range_number(text: str) -> Decimal | None:
+    """A bound of an analyzer's range, or None when it is no number to compute with: an
+    exponent Decimal refuses (1E-4999...9), or an absurd one (1e99999999999; arithmetic
+    on it overflows). The range text is then shown as sent and no flag comes from it."""
+    try:
+        number = Decimal(text.replace(",", "."))
+    except InvalidOperation:
+        return None
+    if number and not -_ABSURD_EXPONENT <= number.adjusted() <= _ABSURD_EXPONENT:
+        return None
+    return number
 
 
 def _flag_from_range(
