@@ -17,6 +17,7 @@ Durability rules (DESIGN.md) as they appear here:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -123,6 +124,17 @@ def decode_raw(rt: InterfaceRuntime, raw: bytes) -> Decoded:
         return Decoded(None, DECODE_ERROR, str(exc))
     except (ValueError, IndexError, KeyError, UnicodeError) as exc:  # a driver bug on odd input
         return Decoded(None, DECODE_ERROR, f"{type(exc).__name__}: {exc}")
+    if b"\x00" in raw:
+        # A NUL is never part of a result, and PostgreSQL refuses it in text: stored as
+        # read, the message failed in the database, and its one-at-a-time retry too (it
+        # was held as an internal error, or not stored at all when a specimen id held it).
+        where = _nul_where(message)
+        if where:
+            return Decoded(None, DECODE_ERROR,
+                           f"the message holds a NUL character (byte 0x00) in {where}: no "
+                           "analyzer sends that in a result, so the analyzer or the line "
+                           "corrupts data. Nothing was applied; the bytes are kept. Check "
+                           "the line (cable, converter, baud rate) and have it resent")
     if rt.config.protocol == "astm" and not _ends_with_l(raw):
         # The sender ended the transfer (EOT, timeout) before the message's L record. Its
         # last record may be cut inside a field ("4." of "4.5"): nothing of it is applied.
@@ -133,6 +145,26 @@ def decode_raw(rt: InterfaceRuntime, raw: bytes) -> Decoded:
                        "analyzer resends it whole; if it does not, resend it from the "
                        "analyzer")
     return Decoded(message)
+
+
+def _nul_where(value: Any, path: str = "") -> str:
+    """Where a NUL character sits in a decoded message (a field's path such as
+    ``specimens[0].observations[3].value_text``), or "" when there is none. Walked only
+    when the raw bytes hold a 0x00 (a UTF-16 message has them between its characters)."""
+    if isinstance(value, str):
+        return (path or "the text") if "\x00" in value else ""
+    if isinstance(value, tuple):
+        for n, item in enumerate(value):
+            found = _nul_where(item, f"{path}[{n}]")
+            if found:
+                return found
+        return ""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            found = _nul_where(getattr(value, f.name), f"{path}.{f.name}" if path else f.name)
+            if found:
+                return found
+    return ""
 
 
 def ingest(

@@ -124,7 +124,9 @@ def unescape(text: str, delims: Delimiters = DEFAULT_DELIMITERS) -> str:
             replacement = delims.escape
         elif body in ("H", "N"):
             replacement = ""
-        elif body[:1] == "X" and len(body) > 1 and len(body) % 2 == 1 and _HEX.match(body[1:]):
+        elif (body[:1] == "X" and len(body) > 1 and len(body) % 2 == 1 and _HEX.match(body[1:])
+              and "00" not in _pairs(body[1:])):
+            # (a NUL has no place in a value, and PostgreSQL refuses it: kept as sent)
             replacement = bytes.fromhex(body[1:]).decode("latin-1")
         else:
             replacement = None
@@ -386,3 +388,8 @@ def encode_header(fields: Sequence[FieldValue], delims: Delimiters = DEFAULT_DEL
 def encode_message(records: Iterable[str], encoding: str = "latin-1") -> bytes:
     """Join records with CR (record terminator, PROTOCOLS 46) in the interface encoding."""
     return "".join(r + "\r" for r in records).encode(encoding)
+
+
+def _pairs(hex_digits: str) -> list[str]:
+    """``"0D0A"`` -> ``["0D", "0A"]``: the bytes a hex escape names."""
+    return [hex_digits[i:i + 2] for i in range(0, len(hex_digits), 2)]

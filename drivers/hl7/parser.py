@@ -74,7 +74,8 @@ def unescape(value: str, seps: Separators = DEFAULT_SEPARATORS) -> str:
     """Undo HL7 escape sequences (PROTOCOLS 81).
 
     ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` give the separators back, ``\\Xhh..\\`` the bytes they name
-    (UTF-8 if valid, else Latin-1), ``\\.br\\`` and ``\\.sp\\`` a line break; highlighting
+    (UTF-8 if valid, else Latin-1; kept as sent when they include a NUL, which no value
+    holds and PostgreSQL refuses), ``\\.br\\`` and ``\\.sp\\`` a line break; highlighting
     (``\\H\\``/``\\N\\``) and the other formatting commands are dropped; anything unknown (such
     as a local ``\\Z..\\``) is kept as sent so no information is lost.
     """
@@ -119,6 +120,8 @@ def _unescape_one(code: str, seps: Separators, literal: str) -> str:
         try:
             data = bytes.fromhex(code[1:])
         except ValueError:
+            return literal
+        if 0 in data:
             return literal
         try:
             return data.decode("utf-8")

@@ -41,12 +41,16 @@ def _mutations(seed: bytes) -> st.SearchStrategy[bytes]:
     insert = st.tuples(st.integers(0, len(seed)), st.binary(max_size=64)).map(
         lambda t: seed[: t[0]] + t[1] + seed[t[0]:])
     noise = st.binary(max_size=512)
-    return st.one_of(cut, flip, insert, noise)
+    # A NUL inside a field: SQLite stores it, PostgreSQL refuses it in text (the message
+    # failed in the database, one at a time too, before decode_raw rejected it).
+    nul = st.integers(0, len(seed)).map(lambda n: seed[:n] + b"\x00" + seed[n:])
+    return st.one_of(cut, flip, insert, noise, nul)
 
 
-def test_any_bytes_are_stored_and_never_raise(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'lis.db'}"
-    engine = make_engine(url)
+def test_any_bytes_are_stored_and_never_raise(db_url: str) -> None:
+    """On SQLite and PostgreSQL: whatever the bytes, ingest stores them exactly and gives
+    an outcome; it never raises."""
+    engine = make_engine(db_url)
     upgrade(engine)
     sessions = session_factory(engine)
     runtimes = {"hl7": _runtime("hl7"), "astm": _runtime("astm")}
@@ -102,3 +106,37 @@ def test_engine_keeps_serving_through_garbage_and_oversized_blocks(tmp_path: Pat
     with session_factory(make_engine(url))() as session:
         controls = session.scalars(select(RawMessage.control_id)).all()
         assert "DEMO-0001" in controls
+
+
+def test_a_nul_in_a_field_is_a_clear_decode_error(db_url: str) -> None:
+    """A NUL byte inside a field (line noise, a broken converter) made PostgreSQL refuse the
+    message's text, in the batch and alone. It is rejected as it is decoded, naming the
+    field, with the bytes kept; hex escapes that name a NUL (HL7 \\X00\\, ASTM &X00&) are
+    kept as sent instead of becoming one."""
+    engine = make_engine(db_url)
+    upgrade(engine)
+    sessions = session_factory(engine)
+    runtimes = {"hl7": _runtime("hl7"), "astm": _runtime("astm")}
+    cases = [
+        ("hl7", VALID_ORU.replace(b"OBX|1|", b"OBX|1|\x00", 1), "rejected"),
+        ("astm", VALID_ASTM.replace(b"5.1", b"5\x00.1"), "rejected"),
+        ("hl7", VALID_ORU.replace(b"OBX|1|", b"OBX|1|\\X00\\", 1), None),
+        ("astm", VALID_ASTM.replace(b"5.1", b"5.1&X00&"), None),
+    ]
+    try:
+        for protocol, raw, expected in cases:
+            with sessions() as session:
+                result = ingest(session, runtimes[protocol], raw, "127.0.0.1:1")
+                session.commit()
+            if expected is not None:
+                assert result.outcome == expected
+                assert result.hold_reason == "DECODE_ERROR"
+                assert "NUL character (byte 0x00) in specimens[0].observations[0]" in (
+                    result.hold_detail)
+            else:
+                assert result.outcome in ("accepted", "held")
+            with sessions() as session:
+                row = session.get(RawMessage, result.message_id)
+                assert row is not None and row.payload == raw
+    finally:
+        engine.dispose()
