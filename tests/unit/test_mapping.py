@@ -681,6 +681,16 @@ def test_absurdly_small_or_zero_exponent_is_text(mapping: AnalyzerMapping, value
     assert result.value_text == value
 
 
+def _viral_load_mapping(tmp_path: Path) -> AnalyzerMapping:
+    return load_mapping(write(tmp_path, """\
+        metadata: {analyzer: t, protocol: hl7, version: '1'}
+        tests:
+          VL:
+            test: VL
+            units: {ucum: "[iU]/mL"}
+        """))
+
+
 @pytest.mark.parametrize("value,rng,flag,shown", [
     # A viral load and its range in scientific notation were read as "+01 - 1.7": a value
     # a hundred million times the upper limit came out normal.
@@ -697,13 +707,7 @@ def test_absurdly_small_or_zero_exponent_is_text(mapping: AnalyzerMapping, value
 ])
 def test_range_in_scientific_notation(tmp_path: Path, value: str, rng: str, flag: str,
                                       shown: str) -> None:
-    mapping = load_mapping(write(tmp_path, """\
-        metadata: {analyzer: t, protocol: hl7, version: '1'}
-        tests:
-          VL:
-            test: VL
-            units: {ucum: "[iU]/mL"}
-        """))
+    mapping = _viral_load_mapping(tmp_path)
     result = one(mapping, obs("VL", value, "[iU]/mL", rng))
     assert (result.flag, result.reference_range) == (flag, shown)
 
@@ -711,13 +715,7 @@ def test_range_in_scientific_notation(tmp_path: Path, value: str, rng: str, flag
 def test_range_with_an_exponent_decimal_refuses(tmp_path: Path) -> None:
     """'3.0E-4999...9' (an exponent too long for Decimal) raised InvalidOperation from the
     range reader, failing the whole message; the range is now shown as sent, unflagged."""
-    mapping = load_mapping(write(tmp_path, """\
-        metadata: {analyzer: t, protocol: hl7, version: '1'}
-        tests:
-          VL:
-            test: VL
-            units: {ucum: "[iU]/mL"}
-        """))
+    mapping = _viral_load_mapping(tmp_path)
     text = "1.0E-4-3.0E-4" + "9" * 40
     result = one(mapping, obs("VL", "5", "[iU]/mL", text))
     assert (result.flag, result.reference_range) == ("", text)
