@@ -23,7 +23,6 @@ until the commit.
 from __future__ import annotations
 
 import io
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -343,74 +342,7 @@ def _insert_rows(conn: Any, table: Table, rows: list[dict[str, Any]]) -> None:
                          values)
 
 
-def copy_rows(cursor: Any, table: Table, rows: list[dict[str, Any]]) -> None:
-    r"""``rows`` into ``table`` with PostgreSQL's COPY, in the transaction of ``cursor``
-    (a psycopg2 cursor).
-
-    For the result rows of a batch: an INSERT's parameters cost psycopg2 ~12 µs a row to
-    quote and PostgreSQL a plan per statement; COPY's text format costs a third of that
-    and no plan. Values are written as COPY text: NULL as ``\N``; backslash, tab, newline
-    and carriage return escaped, so no value can end a field or a row early.
-    """
-    cursor.copy_expert(copy_statement(table, rows), copy_buffer(rows))
-
-
-def copy_statement(table: Table, rows: list[dict[str, Any]]) -> str:
-    """``COPY table (columns of rows[0]) FROM STDIN``."""
-    return f"COPY {table.name} ({', '.join(rows[0])}) FROM STDIN"
-
-
-def copy_buffer(rows: list[dict[str, Any]]) -> io.StringIO:
-    """``rows`` (same keys each) as COPY text, for :func:`copy_statement`: the columns in
-    the order of the first row's keys.
-
-    The ingest process's busiest Python: 25 rows of 18 values per message. The common
-    types are written inline, and a datetime object is formatted once however many rows
-    share it (a message's rows share their times), by identity, which cannot confuse
-    two values."""
-    escapes = _COPY_ESCAPES
-    times: dict[int, str] = {}
-    names = list(rows[0])
-    pick = operator.itemgetter(*names)
-    lines = []
-    for row in rows:
-        fields = []
-        for value in (pick(row) if len(names) > 1 else (pick(row),)):
-            kind = type(value)
-            if kind is str:
-                fields.append(value.translate(escapes))
-            elif value is None:
-                fields.append("\\N")
-            elif kind is bool:
-                fields.append("t" if value else "f")
-            elif kind is int:
-                fields.append(str(value))
-            elif kind is datetime:
-                text = times.get(id(value))
-                if text is None:
-                    text = times[id(value)] = value.isoformat()
-                fields.append(text)
-            else:
-                fields.append(_copy_text(value))  # Decimal, str and int subclasses
-        lines.append("\t".join(fields))
-    return io.StringIO("\n".join(lines) + "\n")
-
-
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_text(value: Any) -> str:
-    if value is None:
-        return "\\N"
-    if value is True:
-        return "t"
-    if value is False:
-        return "f"
-    if isinstance(value, str):
-        return value.translate(_COPY_ESCAPES)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)  # int, Decimal
 
 
 # The result rows' COPY columns: first those one sample's rows of a message share, written
@@ -426,12 +358,13 @@ RESULT_COPY = f"COPY {_RESULTS.name} ({', '.join(RESULT_COPY_COLUMNS)}) FROM STD
 
 
 def result_copy_text(writes: BulkWrites) -> str:
-    """The result rows of ``writes`` as COPY text for :data:`RESULT_COPY`: what
-    :func:`copy_buffer` makes of :meth:`BulkWrites.result_rows` (a test compares the two),
-    without building a dict per row. The fast lane's busiest Python (25 rows a message):
-    the columns a sample's rows share are written once, and each distinct string is
-    escaped once per batch (a batch's rows share most of their units, flags, statuses,
-    codes and ranges)."""
+    """The result rows of ``writes`` as COPY text for :data:`RESULT_COPY`: the rows of
+    :meth:`BulkWrites.result_rows`, each value as COPY's text format reads it (NULL as
+    ``\\N``; backslash, tab, newline and carriage return escaped, so no value can end a
+    field or a row early; a test holds the two to each other), without a dict per row.
+    The fast lane's busiest Python (25 rows a message): the columns a sample's rows share
+    are written once, and each distinct string is escaped once per batch (a batch's rows
+    share most of their units, flags, statuses, codes and ranges)."""
     escaped: dict[str, str] = {}
     times: dict[int, str] = {}
     lines: list[str] = []
@@ -466,6 +399,6 @@ def result_copy_text(writes: BulkWrites) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BulkPlan", "BulkWrites", "SampleFacts", "copy_buffer", "copy_rows", "copy_statement",
+__all__ = ["RESULT_COPY", "RESULT_COPY_COLUMNS", "BulkPlan", "BulkWrites", "SampleFacts",
            "load_samples", "plan",
            "plan_writes", "plan_writes_many", "result_copy_text", "sample_facts", "write_many"]
