@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from engine.ingest_process import _Immediate
+from engine.ingest_process import _Answerer
 from engine.writer import DatabaseWriter
 from lis_bridge.db import make_engine, session_factory
 from lis_bridge.pg_connection import OneTripConnection
@@ -150,8 +150,8 @@ def test_writer_runs_a_batch_again_on_a_connection_the_database_dropped(pg_url: 
     terminated by the server, as in a PostgreSQL restart), the batch runs once more on a
     new connection, and is stored once."""
     engine = make_engine(pg_url, writer=True, pool_pre_ping=False, pool_size=1)
-    immediate: Any = _Immediate()  # no reactor: results are handed on at once
-    writer = DatabaseWriter(session_factory(engine), immediate)
+    answers: Any = _Answerer()  # no reactor: the ingest process's answer thread
+    writer = DatabaseWriter(session_factory(engine), answers)
     writer.start()
     outcomes: queue.Queue[Any] = queue.Queue()
 
@@ -174,6 +174,7 @@ def test_writer_runs_a_batch_again_on_a_connection_the_database_dropped(pg_url: 
             assert sorted(c.execute(text("SELECT n FROM t")).scalars()) == [1, 2]
     finally:
         writer.stop()
+        answers.stop(30)
         engine.dispose()
 
 
@@ -183,8 +184,8 @@ def test_writer_still_refuses_when_the_database_stays_down(pg_url: str) -> None:
     from engine.errors import StorageError
 
     engine = make_engine(pg_url, writer=True, pool_pre_ping=False, pool_size=1)
-    immediate: Any = _Immediate()  # no reactor: results are handed on at once
-    writer = DatabaseWriter(session_factory(engine), immediate)
+    answers: Any = _Answerer()  # no reactor: the ingest process's answer thread
+    writer = DatabaseWriter(session_factory(engine), answers)
     writer.start()
     outcomes: queue.Queue[Any] = queue.Queue()
     calls = threading.Semaphore(0)
@@ -204,5 +205,6 @@ def test_writer_still_refuses_when_the_database_stays_down(pg_url: str) -> None:
         assert not calls.acquire(timeout=0)  # and no more
     finally:
         writer.stop()
+        answers.stop(30)
         engine.dispose()
 
