@@ -9,6 +9,10 @@ runs the same group-commit writer (:mod:`engine.writer`) and the same
 :func:`engine.ingest_bulk.ingest_bulk`, and answers with each message's outcome once its
 transaction committed. The reactor builds the reply from that outcome, as before.
 
+Three threads: the main one reads the engine's requests (and, on PostgreSQL, decodes and
+maps each message as it arrives), the writer runs the batches, and the answer thread
+encodes and sends each committed batch's outcomes, in order, while the writer goes on.
+
 The durability rules do not change:
 
 1. the outcome comes back only after the commit, and the reply is built from it;
