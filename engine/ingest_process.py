@@ -167,8 +167,12 @@ class IngestProcess:
     """The engine's handle on its ingest process: start, submit, watch, stop."""
 
     def __init__(self, reactor: Any, command: list[str], env: dict[str, str],
-                 alert: Callable[[str, str], None] | None = None) -> None:
+                 alert: Callable[[str, str], None] | None = None,
+                 restarted: Callable[[], None] | None = None) -> None:
         self.reactor = reactor
+        # called each time the process is started again after an exit (the engine applies
+        # the after_commit messages it stored but could not report: engine.service)
+        self.restarted = restarted
         self.command = command
         self.env = env
         self.alert = alert
@@ -199,6 +203,8 @@ class IngestProcess:
             return
         self.running = True
         log.info("ingest.process.started", process_id=self.transport.pid)
+        if self.restarts and self.restarted is not None:
+            self.restarted()
 
     def submit(self, interface: str, raw: bytes, peer: str, apply_now: bool) -> Deferred[Any]:
         """The message's outcome (an IngestResult), once committed by the ingest process."""

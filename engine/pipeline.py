@@ -622,8 +622,12 @@ def build_order_download(
 def reprocess(
     session: Session, rt: InterfaceRuntime, message_id: int, *, now: datetime | None = None
 ) -> IngestResult:
-    """Apply a HELD (or RECEIVED) message again, e.g. after the mapping or the LIS was fixed."""
-    row = session.get(RawMessage, message_id)
+    """Apply a HELD (or RECEIVED) message again, e.g. after the mapping or the LIS was fixed.
+
+    The message's row is locked first (PostgreSQL): of two writers reprocessing the same
+    message at once, the second waits, then finds it APPLIED and refuses, so a message is
+    never applied twice."""
+    row = session.get(RawMessage, message_id, with_for_update=True, populate_existing=True)
     if row is None:
         raise LabrelayError(f"message #{message_id} does not exist")
     if row.status not in (MessageStatus.HELD, MessageStatus.RECEIVED):
@@ -631,6 +635,56 @@ def reprocess(
                             "messages can be reprocessed")
     message = rt.driver.decode(row.payload)
     return apply_stored(session, rt, row, message, now=now)
+
+
+def _apply_if_received(session: Session, rt: InterfaceRuntime,
+                       message_id: int) -> IngestResult | None:
+    status = session.execute(select(RawMessage.status).where(
+        RawMessage.id == message_id).with_for_update()).scalar()
+    if status != MessageStatus.RECEIVED:
+        return None
+    return reprocess(session, rt, message_id)
+
+
+def apply_later(writer: Any, rt: InterfaceRuntime, message_id: int) -> Deferred[Any]:
+    """Have ``writer`` (an :class:`engine.writer.DatabaseWriter`) apply a message stored
+    with the after_commit policy, once it has been answered. If the database fails, the
+    message stays RECEIVED and is applied at the next start (``engine.resumed``); a fault in
+    labrelay holds it with INTERNAL_ERROR and an alert. A message no longer RECEIVED when
+    its turn comes (queued twice: after its answer and by a resume) is left as it is.
+    Fires when that is done."""
+    d = writer.submit(lambda s: _apply_if_received(s, rt, message_id))
+
+    def failed(failure: Failure) -> Deferred[Any] | None:
+        kind = getattr(failure.type, "__name__", "Exception")
+        log.error("message.apply.failed", interface=rt.name, message_id=message_id,
+                  error_type=kind)
+        if failure.check(StorageError):
+            return None  # stays RECEIVED: applied at the next start (engine.resumed)
+        error = f"{kind}: {failure.getErrorMessage()}"[:300]
+        held = writer.submit(lambda s: hold_internal_error(s, rt, message_id, error))
+        held.addErrback(lambda f: log.error(
+            "message.hold.failed", interface=rt.name, message_id=message_id,
+            error_type=getattr(f.type, "__name__", "Exception"),
+            action="it stays RECEIVED and is applied at the next start"))
+        return held
+
+    d.addErrback(failed)
+    return d
+
+
+UNAPPLIED_BATCH = 10_000
+
+
+def unapplied_messages(session: Session) -> list[tuple[int, str]]:
+    """(id, interface) of inbound messages stored but not applied (after_commit policy;
+    the process that would have applied them stopped first), oldest first, at most
+    ``UNAPPLIED_BATCH`` of them."""
+    return list(session.execute(
+        select(RawMessage.id, RawMessage.interface)
+        .where(RawMessage.status == MessageStatus.RECEIVED, RawMessage.direction == "in")
+        .order_by(RawMessage.id).limit(UNAPPLIED_BATCH)
+    ).tuples())
 
 
 # ------------------------------------------------------------------ handlers (reactor thread)
@@ -720,18 +774,7 @@ class Pipeline:
         return d
 
     def apply_later(self, rt: InterfaceRuntime, message_id: int) -> None:
-        d = self.writer.submit(lambda s: reprocess(s, rt, message_id))
-
-        def failed(failure: Failure) -> None:
-            kind = getattr(failure.type, "__name__", "Exception")
-            log.error("message.apply.failed", interface=rt.name, message_id=message_id,
-                      error_type=kind)
-            if failure.check(StorageError):
-                return  # stays RECEIVED: applied at the next start (engine.resumed)
-            error = f"{kind}: {failure.getErrorMessage()}"[:300]
-            self.writer.submit(lambda s: hold_internal_error(s, rt, message_id, error))
-
-        d.addErrback(failed)
+        apply_later(self.writer, rt, message_id)
 
     def ack_control_id(self, message_id: int | None) -> str:
         suffix = str(message_id) if message_id is not None else str(int(time.time() * 1000))

@@ -26,6 +26,7 @@ from engine.pipeline import (
     InterfaceRuntime,
     Pipeline,
     load_runtime,
+    unapplied_messages,
 )
 from engine.writer import DatabaseWriter
 from lis_bridge.db import ensure_current, make_engine, session_factory, upgrade
@@ -109,7 +110,8 @@ class EngineService(MultiService):
             self.ingest = IngestProcess(
                 self.reactor, self.ingest_command,
                 dict(os.environ, LABRELAY_DATABASE_URL=self.database_url),
-                alert=lambda message, detail: self._alert(message, detail, "engine"))
+                alert=lambda message, detail: self._alert(message, detail, "engine"),
+                restarted=self._resume_unapplied)
             self.ingest.start()
         self.pipeline = Pipeline(self.writer, self.runtimes, node_name=self.config.node_name,
                                  ingest=self.ingest)
@@ -291,18 +293,13 @@ class EngineService(MultiService):
     def _resume_unapplied(self) -> None:
         """Messages stored but not applied when the last run stopped (after_commit policy),
         applied one unit each, in arrival order: one faulty message cannot hold back the rest
-        (it is HELD with INTERNAL_ERROR and an alert)."""
+        (it is HELD with INTERNAL_ERROR and an alert). Also each time the ingest process is
+        started again: it may have stored messages and stopped before the engine heard of
+        them. A message queued twice is applied once (see :func:`engine.pipeline.apply_later`)."""
         assert self.writer is not None
         assert self.pipeline is not None
         runtimes = self.runtimes
         pipeline = self.pipeline
-
-        def pending(session: Any) -> list[tuple[int, str]]:
-            return list(session.execute(
-                select(RawMessage.id, RawMessage.interface)
-                .where(RawMessage.status == MessageStatus.RECEIVED, RawMessage.direction == "in")
-                .order_by(RawMessage.id).limit(10_000)
-            ).tuples())
 
         def resume(rows: list[tuple[int, str]]) -> None:
             count = 0
@@ -314,7 +311,7 @@ class EngineService(MultiService):
             if count:
                 log.info("engine.resumed", messages=count)
 
-        self.writer.submit(pending).addCallbacks(
+        self.writer.submit(unapplied_messages).addCallbacks(
             resume, lambda f: log.error("engine.resume.failed", error=f.getErrorMessage()[:300]))
 
     def _start_outbox(self) -> None:

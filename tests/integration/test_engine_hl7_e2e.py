@@ -225,6 +225,44 @@ def test_a_crashed_ingest_process_is_restarted_and_nothing_acked_is_lost(
     assert sorted(stored) == sorted(f"K{n:05d}" for n in range(len(messages)))
 
 
+def test_after_commit_messages_a_crashed_ingest_process_stored_are_applied_after_restart(
+        db_url: str, tmp_path: Path) -> None:
+    """after_commit: a message the ingest process committed as RECEIVED before it died,
+    and so never reported to the engine (the analyzer got no ACK; its resend is a
+    duplicate), is applied once the ingest process is started again, not at the next
+    restart of the engine. Here the row is written straight to the database, as the
+    ingest process would have left it, and the ingest process is then killed."""
+    import os
+
+    from engine.config import load_config
+    from engine.pipeline import ingest, load_runtime
+
+    import_orders(db_url, "DEMO0001")
+    port = free_port()
+    config = write_config(tmp_path, port, ack_policy="after_commit")
+    sessions = session_factory(make_engine(db_url))
+    with running_engine(config, db_url, tmp_path) as engine:
+        child = engine.wait_for("ingest.process.ready")
+        child_pid = engine.wait_for("ingest.process.started")["process_id"]
+        assert isinstance(child_pid, int) and child
+        rt = load_runtime(load_config(config).interfaces[0])
+        with sessions() as session:
+            stored = ingest(session, rt, _message(7), "127.0.0.1:9", apply_now=False)
+            session.commit()
+        assert stored.status == MessageStatus.RECEIVED
+        os.kill(child_pid, signal.SIGKILL)
+        engine.wait_for("ingest.process.started", count=2)
+        resumed = engine.wait_for("engine.resumed")
+        assert resumed["messages"] == 1
+        engine.wait_for("message.applied")
+        assert engine.stop() == 0
+    with sessions() as session:
+        row = session.get(RawMessage, stored.message_id)
+        assert row is not None and row.status == MessageStatus.APPLIED
+        assert session.scalar(select(func.count()).select_from(Result)) == 1
+    assert not engine.events("message.apply.failed")
+
+
 def test_the_ingest_process_leaves_signals_to_the_engine(db_url: str, tmp_path: Path) -> None:
     """Ctrl-C and a service manager's SIGTERM reach the whole process group: the ingest
     process ignores them and finishes when the engine closes its input, so a message in

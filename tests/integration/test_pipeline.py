@@ -339,3 +339,51 @@ def test_critical_limits_by_age_reach_the_stored_result(sessions, tmp_path: Path
             .join(Result, Result.sample_fk == Sample.id))}
     assert stored == {"N-1": ("H", False), "A-1": ("HH", True),
                       "N-2": ("H", False), "A-2": ("HH", True)}
+
+
+def test_an_after_commit_message_queued_twice_is_applied_once(db_url: str, sessions) -> None:  # type: ignore[no-untyped-def]
+    """after_commit: the engine queues a stored message for applying after its answer, and
+    again when it resumes unapplied messages (at start, and each time the ingest process is
+    started again). The second finds it applied and leaves it: one set of results, no
+    error, no hold."""
+    import threading
+
+    from structlog.testing import capture_logs
+
+    from engine.ingest_process import _Answerer
+    from engine.pipeline import apply_later, unapplied_messages
+    from lis_bridge.lifecycle import transition
+    from lis_bridge.models import Result, Sample
+
+    with sessions() as session:
+        assert import_orders_csv(session, ORDERS, actor="t").ok
+        session.commit()
+        sample = session.scalars(select(Sample).where(Sample.specimen_id == "P-2")).one()
+        transition(session, sample, "RECEIVED_AT_LAB", actor="t", location="Lab")
+        session.commit()
+        rt = runtime("after_commit")
+        stored = ingest(session, rt, oru("twice-1", "P-2"), "127.0.0.1:5", apply_now=False)
+        session.commit()
+        assert stored.status == MessageStatus.RECEIVED
+        assert unapplied_messages(session) == [(stored.message_id, rt.name)]
+    answers = _Answerer()
+    writer = DatabaseWriter(session_factory(make_engine(db_url, writer=True)),
+                            answers)  # type: ignore[arg-type]
+    writer.start()
+    done = threading.Event()
+    outcomes: list[object] = []
+    with capture_logs() as logs:
+        apply_later(writer, rt, stored.message_id).addBoth(outcomes.append)
+        second = apply_later(writer, rt, stored.message_id)
+        second.addBoth(outcomes.append)
+        second.addBoth(lambda _r: done.set())
+        assert done.wait(30)
+        writer.stop()
+        answers.stop(5)
+    assert outcomes[1] is None  # left as it was
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+    with sessions() as session:
+        row = session.get(RawMessage, stored.message_id)
+        assert row is not None and row.status == MessageStatus.APPLIED and row.attempts == 1
+        assert session.scalars(select(Result.test_code)).all() == ["GLU"]
+        assert unapplied_messages(session) == []
