@@ -108,7 +108,7 @@ class FrameReader:
 # ----------------------------------------------------------------- outcomes on the wire
 
 _RESULT_FIELDS = ("message_id", "status", "outcome", "hold_reason", "hold_detail", "kind",
-                  "control_id", "original_ack_code")
+                  "control_id", "original_ack_code", "original_status")
 
 
 def result_frame(request_id: int, result: Any, stats: dict[str, Any]) -> bytes:
@@ -135,6 +135,7 @@ def result_from_frame(header: dict[str, Any], payload: bytes) -> Any:
         hold_detail=str(fields.get("hold_detail") or ""),
         kind=str(fields.get("kind") or ""), control_id=str(fields.get("control_id") or ""),
         original_ack_code=str(fields.get("original_ack_code") or ""),
+        original_status=str(fields.get("original_status") or ""),
         outgoing=outgoing, specimen_ids=tuple(str(s) for s in header.get("specimen_ids", [])),
         logs=[(str(event), dict(fields)) for event, fields in header.get("logs", [])])
 

@@ -54,9 +54,11 @@ INCOMPLETE_MESSAGE = "INCOMPLETE_MESSAGE"
 
 def _ends_with_l(text: bytes) -> bool:
     """True when the last record of an ASTM message is its L (terminator) record: ``L``
-    followed by a delimiter (PROTOCOLS 55: the record type is case-insensitive)."""
+    alone (the Ortho VISION ends its messages so) or followed by a delimiter (PROTOCOLS
+    55: the record type is case-insensitive), as the link layer and
+    ``drivers.astm.records.split_messages`` take it."""
     last = text.rstrip(b"\r\n").replace(b"\n", b"\r").rsplit(b"\r", 1)[-1].lstrip()
-    return last[:1] in (b"L", b"l") and len(last) > 1 and not last[1:2].isalnum()
+    return last[:1] in (b"L", b"l") and not last[1:2].isalnum()
 
 
 class _Hold(Exception):
@@ -93,6 +95,7 @@ class IngestResult:
     kind: str = ""
     control_id: str = ""
     original_ack_code: str = ""
+    original_status: str = ""  # a duplicate's: the status of the message it repeats
     outgoing: list[bytes] = field(default_factory=list)
     specimen_ids: tuple[str, ...] = ()
     # INFO lines (event, fields) the pipeline writes on the reactor once the unit has
@@ -203,7 +206,7 @@ def ingest(
     )
     original = _find_duplicate(session, rt, row, now) if message is not None else None
     if original is not None:
-        original_id, original_ack = original
+        original_id, original_ack, original_status = original
         row.status = MessageStatus.DUPLICATE
         row.duplicate_of_fk = original_id
         row.ack_code = original_ack
@@ -213,7 +216,8 @@ def ingest(
                  duplicate_of=original_id, control_id=row.control_id)
         return IngestResult(
             row.id, row.status, "duplicate", control_id=row.control_id,
-            original_ack_code=original_ack, kind=message.kind if message else "",
+            original_ack_code=original_ack, original_status=original_status,
+            kind=message.kind if message else "",
         )
     # What is already known goes into the INSERT itself rather than a later UPDATE.
     if message is None:
@@ -262,7 +266,7 @@ _DUPLICATE_CANDIDATES = (
 
 def _first_match(*criteria: Any, rank: int) -> Any:
     return (
-        select(_RAW.id, _RAW.ack_code, literal(rank).label("rank"))
+        select(_RAW.id, _RAW.ack_code, literal(rank).label("rank"), _RAW.status)
         .where(*_DUPLICATE_CANDIDATES, *criteria)
         .order_by(_RAW.id)
         .limit(1)
@@ -279,14 +283,14 @@ _EITHER = union_all(
                         _RAW.control_id == bindparam("control_id"), rank=0)),
     _SAME_BYTES,
 ).subquery()
-_SAME_CONTROL_ID_OR_BYTES = select(_EITHER.c.id, _EITHER.c.ack_code, _EITHER.c.rank).order_by(
-    _EITHER.c.rank).limit(1)
+_SAME_CONTROL_ID_OR_BYTES = select(_EITHER.c.id, _EITHER.c.ack_code, _EITHER.c.rank,
+                                   _EITHER.c.status).order_by(_EITHER.c.rank).limit(1)
 
 
 def _find_duplicate(
     session: Session, rt: InterfaceRuntime, row: RawMessage, now: datetime
-) -> tuple[int, str] | None:
-    """(id, ack code) of the message ``row`` repeats, or None."""
+) -> tuple[int, str, str] | None:
+    """(id, ack code, status) of the message ``row`` repeats, or None."""
     params = {"interface": rt.name, "since": now - DUPLICATE_WINDOW, "sha256": row.sha256}
     # HL7 MSH-10 identifies a message; ASTM H-3 is rarely set and H-14 is only a timestamp,
     # so on ASTM only identical bytes count as the same message.
@@ -309,8 +313,9 @@ def _find_duplicate(
             log.warning("hl7.control_id.reused", interface=rt.name, control_id=row.control_id,
                         earlier_message_id=earlier.id)
             same_bytes = session.execute(_SAME_BYTES, params).first()
-            return (same_bytes[0], same_bytes[1]) if same_bytes is not None else None
-    return (found[0], found[1])
+            return ((same_bytes[0], same_bytes[1], same_bytes[3]) if same_bytes is not None
+                    else None)
+    return (found[0], found[1], found[3])
 
 
 def _after_msh(payload: bytes) -> bytes:
@@ -796,11 +801,14 @@ class HL7Handler:
         return d
 
     def _ack(self, raw: bytes, interface: str, result: IngestResult) -> bytes | list[bytes] | None:
-        from drivers.hl7.ack import AckError, ack_plan, build_ack, build_reject_ack
+        from drivers.hl7.ack import AckError, ack_plan, build_ack, build_reject_ack, is_ack
         from drivers.hl7.parser import HL7ParseError, parse_message
 
-        if result.outcome == "ack":
-            return None  # PROTOCOLS 89: never acknowledge an ACK
+        if (result.outcome == "ack" or result.kind == MessageKind.ACK
+                or (result.outcome == "rejected" and is_ack(raw))):
+            # PROTOCOLS 89: never acknowledge an ACK, nor its resend (a duplicate), nor
+            # one that could not be decoded
+            return None
         now = self.pipeline.clock()
         control_id = self.pipeline.ack_control_id(result.message_id)
         rt = self.pipeline.interfaces[interface]
@@ -841,10 +849,19 @@ class HL7Handler:
         return acks[0] if len(acks) == 1 else acks
 
     def _storage_failed(self, raw: bytes, interface: str, failure: Failure) -> bytes | None:
-        from drivers.hl7.ack import AckError, Outcome, ack_plan, build_ack, build_reject_ack
+        from drivers.hl7.ack import (
+            AckError,
+            Outcome,
+            ack_plan,
+            build_ack,
+            build_reject_ack,
+            is_ack,
+        )
         from drivers.hl7.parser import HL7ParseError, parse_message
 
         failure.trap(StorageError, LabrelayError)
+        if is_ack(raw):
+            return None  # PROTOCOLS 89: an ACK is not answered, stored or not
         now = self.pipeline.clock()
         control_id = self.pipeline.ack_control_id(None)
         text = "not stored: the LIS database is unavailable; resend this message later"
@@ -865,6 +882,13 @@ def ack_outcome(result: IngestResult, held_ack: str) -> Any:
     from drivers.hl7.ack import Outcome
 
     if result.outcome == "duplicate":
+        # What became of the original, not its ACK code: in enhanced mode that may be a
+        # commit ACK (CA) or nothing, and a resend of a held message must not get AA
+        # (PROTOCOLS 88).
+        if result.original_status == MessageStatus.HELD:
+            return Outcome.ACCEPTED if held_ack == "AA" else Outcome.APPLICATION_ERROR
+        if result.original_status == MessageStatus.REJECTED:
+            return Outcome.REJECTED
         return {"AE": Outcome.APPLICATION_ERROR, "AR": Outcome.REJECTED}.get(
             result.original_ack_code, Outcome.ACCEPTED)
     if result.outcome == "held":

@@ -156,11 +156,16 @@ def is_ack(message: HL7Message | bytes) -> bool:
         try:
             message = parse_message(raw, header_only=True)
         except HL7ParseError:
-            # Unreadable MSH: look for ACK in the raw header so a broken ACK is not answered.
-            head = raw.split(b"\r", 1)[0].split(b"\n", 1)[0]
+            # Unreadable MSH: look for ACK in the raw header so a broken ACK is not answered,
+            # with the field and component separators the header itself declares.
+            start = raw.find(b"MSH")
+            if start < 0 or len(raw) < start + 5:
+                return False
+            field_sep, component_sep = raw[start + 3:start + 4], raw[start + 4:start + 5]
+            head = raw[start:].split(b"\r", 1)[0].split(b"\n", 1)[0]
             return any(
-                part.split(b"^", 1)[0].strip() in (b"ACK", b"MCF", b"QCK")
-                for part in head.split(b"|")[7:11]
+                part.split(component_sep, 1)[0].strip() in (b"ACK", b"MCF", b"QCK")
+                for part in head.split(field_sep)[7:11]
             )
     return message.message_type in ACK_MESSAGE_TYPES
 

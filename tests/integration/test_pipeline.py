@@ -276,6 +276,30 @@ def test_astm_message_cut_before_its_l_record_is_kept_not_applied(sessions) -> N
     assert again.outcome != "rejected" and again.hold_reason != "BEHIND_HELD"
 
 
+def test_astm_message_ending_in_a_bare_l_record_is_applied(sessions, corpus: Path) -> None:  # type: ignore[no-untyped-def]
+    """PROTOCOLS 55: the L record ends the message. The Ortho VISION's end with ``L`` and
+    nothing after it (corpus astm/ortho_vision__3): complete, not INCOMPLETE_MESSAGE (it
+    was stored REJECTED and acknowledged, and its results never applied)."""
+    from engine.pipeline import _ends_with_l
+
+    assert _ends_with_l((corpus / "astm" / "ortho_vision__3.txt").read_bytes())
+    assert _ends_with_l(b"H|\\^&\rL\n") and _ends_with_l(b"H|\\^&\rl|1|N\r")
+    assert not _ends_with_l(b"H|\\^&\rR|1|^^^K|4.")
+    assert not _ends_with_l(b"H|\\^&\rLX|1\r")
+    config = InterfaceConfig(name="t-astm", protocol="astm", driver="astm-generic",
+                             mapping=REPO / "mappings" / "generic_astm.yaml",
+                             listen="tcp:0:interface=127.0.0.1")
+    rt = InterfaceRuntime(config, create_driver("astm-generic", "astm"),
+                          load_mapping(REPO / "mappings" / "generic_astm.yaml"))
+    with sessions() as session:
+        import_orders_csv(session, ORDERS.replace("GLU NA", "K"), actor="t")
+        session.commit()
+    result = apply(sessions, rt, b"H|\\^&|||an^1|||||host||P|1\rP|1\r"
+                   b"O|1|P-1||^^^K|R||||||N||||||||||||||F\r"
+                   b"R|1|^^^K|4.5|mmol/L|3.5 to 5.1|N||F\rL\r")
+    assert result.outcome != "rejected", result.hold_reason
+
+
 CRITICAL_BY_AGE = """
 metadata: {analyzer: test, protocol: hl7, version: "1"}
 tests:
@@ -387,3 +411,68 @@ def test_an_after_commit_message_queued_twice_is_applied_once(db_url: str, sessi
         assert row is not None and row.status == MessageStatus.APPLIED and row.attempts == 1
         assert session.scalars(select(Result.test_code)).all() == ["GLU"]
         assert unapplied_messages(session) == []
+
+
+def _answers(db_url: str, rt: InterfaceRuntime, messages: list[bytes]) -> list[object]:
+    """Each message through HL7Handler, one after the other, on a real writer: the reply
+    of each (bytes, a list of them, or None for no reply)."""
+    import threading
+
+    from engine.ingest_process import _Answerer
+
+    answers = _Answerer()
+    writer = DatabaseWriter(session_factory(make_engine(db_url, writer=True)),
+                            answers)  # type: ignore[arg-type]
+    writer.start()
+    handler = HL7Handler(Pipeline(writer, {rt.name: rt}))
+    replies: list[object] = []
+    try:
+        for raw in messages:
+            done = threading.Event()
+            d = handler.message_received(raw, "127.0.0.1:5", rt.name)
+            d.addBoth(replies.append)
+            d.addBoth(lambda _r, done=done: done.set())
+            assert done.wait(30)
+    finally:
+        writer.stop()
+        answers.stop(5)
+    return replies
+
+
+ACK_IN = b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ACK^R01|A1|P|2.5.1\rMSA|AA|LR5\r"
+
+
+def test_no_ack_is_ever_answered(db_url: str, sessions) -> None:  # type: ignore[no-untyped-def]
+    """PROTOCOLS 89: an ACK gets no reply; neither does its resend (a duplicate), one that
+    cannot be decoded (a NUL in MSH-10), nor one whose header is unreadable, whatever its
+    field separator."""
+    replies = _answers(db_url, runtime(), [
+        ACK_IN,
+        ACK_IN,  # the same bytes again: a duplicate of an ACK
+        ACK_IN.replace(b"|A1|", b"|A2\x00|"),
+        b"MSH#^~\\&#AN#LAB#LIS#LAB#20250303101500##ACK^R01#A3#P#2.5x\rMSA#AA#LR5\r",
+        b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ACK^R01|A4|P|2.5x\rMSA|AA|LR5\r",
+    ])
+    assert replies == [None] * 5, replies
+    # an ORU that cannot be read is still answered, with AR
+    bad = _answers(db_url, runtime(), [oru("bad-1", "P-1").replace(b"|P|2.5.1", b"|P|2.5x")])
+    assert isinstance(bad[0], bytes) and b"MSA|AR|" in bad[0]
+
+
+def test_a_resent_held_message_is_not_answered_aa(db_url: str, sessions) -> None:  # type: ignore[no-untyped-def]
+    """PROTOCOLS 88, DESIGN rule 5: a duplicate is answered as the original was. In
+    enhanced mode the original's recorded code is its commit ACK (CA) or nothing, so the
+    resend of a held message used to get AA; it gets AE, as the original's application
+    ACK would be."""
+    held = (b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ORU^R01|H1|P|2.5.1||||SU\r"
+            b"OBR|1|UNKNOWN9|UNKNOWN9|X\rOBX|1|NM|GLU||5.0|mmol/L|||||F\r")
+    both = held.replace(b"|H1|", b"|H2|").replace(b"||||SU\r", b"|||AL|AL\r")
+
+    def codes(reply: object) -> list[bytes]:
+        parts = reply if isinstance(reply, list) else [reply]
+        return [p.split(b"MSA|")[1][:2] for p in parts if isinstance(p, bytes)]
+
+    first, again, first_al, again_al = _answers(db_url, runtime(), [held, held, both, both])
+    assert codes(first) == [b"CA"] and codes(again) == [b"CA"]  # SU: commit ACK only
+    assert codes(first_al) == [b"CA", b"AE"]
+    assert codes(again_al) == [b"CA", b"AE"], again_al
