@@ -575,7 +575,10 @@ def answer_query(session: Session, rt: InterfaceRuntime, message: AnalyzerMessag
             analyzer_codes = (
                 rt.mapping.analyzer_codes_for(codes) if codes and rt.mapping is not None else []
             )
-            log.info("astm.query.answered", interface=rt.name, sample_id=specimen_id,
+            # The id is logged only when it names a sample the LIS knows: some analyzers
+            # put the patient id where others put the specimen id (LIS2 Q-3).
+            log.info("astm.query.answered", interface=rt.name,
+                     sample_id=specimen_id if codes else "(not a known sample)",
                      tests=len(analyzer_codes))
             if analyzer_codes:
                 orders.append(OrderRequest(specimen_id=specimen_id,

@@ -476,3 +476,28 @@ def test_a_resent_held_message_is_not_answered_aa(db_url: str, sessions) -> None
     assert codes(first) == [b"CA"] and codes(again) == [b"CA"]  # SU: commit ACK only
     assert codes(first_al) == [b"CA", b"AE"]
     assert codes(again_al) == [b"CA", b"AE"], again_al
+
+
+def test_a_host_query_naming_no_known_sample_does_not_log_the_id(sessions) -> None:  # type: ignore[no-untyped-def]
+    """No patient data in logs: some analyzers put the patient id in Q-3 where others put
+    the specimen id. A queried id is logged only when it names a sample of the LIS."""
+    from structlog.testing import capture_logs
+
+    from engine.pipeline import answer_query
+
+    config = InterfaceConfig(name="t-astm", protocol="astm", driver="astm-generic",
+                             mapping=REPO / "mappings" / "generic_astm.yaml",
+                             listen="tcp:0:interface=127.0.0.1")
+    rt = InterfaceRuntime(config, create_driver("astm-generic", "astm"),
+                          load_mapping(REPO / "mappings" / "generic_astm.yaml"))
+    with sessions() as session:
+        import_orders_csv(session, ORDERS, actor="t")
+        session.commit()
+        for queried in ("PIDQ77311", "P-1"):
+            message = rt.driver.decode(
+                f"H|\\^&|||an^1|||||host||P|1\rQ|1|{queried}||ALL||||||||O\rL|1|N\r".encode())
+            with capture_logs() as logs:
+                answer_query(session, rt, message)
+            answered = [e for e in logs if e["event"] == "astm.query.answered"]
+            assert answered, logs
+            assert (queried in repr(logs)) == (queried == "P-1"), logs
