@@ -20,6 +20,7 @@ and the caller sends no positive acknowledgement.
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,9 @@ MAX_BATCH = 256
 # transaction itself (see engine.ingest_bulk); nothing may be written after it.
 COMMIT_WITH_LAST_WRITE = "labrelay.commit_with_last_write"
 MAX_QUEUE = 10_000
+# A value quoted at the end of an error's first line, to the end of that line (a value
+# with a newline in it ends the line before its closing quote).
+_QUOTED_VALUE = re.compile(r""": ["'].*""")
 
 
 BulkWork = Callable[[Session, list[Any]], list[Any]]
@@ -224,7 +228,7 @@ class DatabaseWriter:
             session.rollback()
             self.stats.storage_errors += 1
             self.stats.last_error = type(exc).__name__
-            log.error("db.write.failed", error=type(exc).__name__, detail=str(exc)[:300])
+            log.error("db.write.failed", error=type(exc).__name__, detail=_first_line(exc))
             self._reactor.callFromThread(unit.deferred.errback, StorageError(_describe(exc)))
         except Exception as exc:  # noqa: BLE001 - handed to the caller's errback, never lost
             session.rollback()
@@ -240,7 +244,7 @@ class DatabaseWriter:
         self.stats.storage_errors += 1
         self.stats.last_error = type(exc).__name__
         log.error("db.commit.failed", error=type(exc).__name__, units=len(batch),
-                  detail=str(exc)[:300])
+                  detail=_first_line(exc))
         error = StorageError(_describe(exc))
         for unit in batch:
             self._reactor.callFromThread(unit.deferred.errback, error)
@@ -266,6 +270,15 @@ def _is_storage_failure(exc: DBAPIError) -> bool:
     return bool(exc.connection_invalidated) or isinstance(exc, OperationalError)
 
 
+def _first_line(exc: Exception) -> str:
+    """What went wrong, without the data: the error's first line, less a value it quotes
+    at the end (``invalid input syntax for type numeric: "5.4x"``). The lines after it
+    (psycopg2's ``LINE 1:`` excerpt of the statement, ``DETAIL: Key (...)=(...)``,
+    SQLAlchemy's ``[parameters: ...]``) hold results, units and ids: never logged."""
+    lines = str(exc).splitlines()
+    first = lines[0] if lines else type(exc).__name__
+    return _QUOTED_VALUE.sub(": ...", first)[:200]
+
+
 def _describe(exc: Exception) -> str:
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"the database did not store the message ({first[:200]}); nothing was acknowledged"
+    return f"the database did not store the message ({_first_line(exc)}); nothing was acknowledged"

@@ -119,6 +119,19 @@ def _as_utc(moment: datetime | None) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def observed_utc(item: ResultInput) -> datetime | None:
+    """``item.observed_at`` as stored: an aware time in UTC (SQLite keeps only the wall
+    clock, so 10:10+05:30 would read back as 10:10), a naive one as sent; None when the
+    instant lies outside what a datetime holds in UTC."""
+    moment = item.observed_at
+    if moment is None or moment.tzinfo is None:
+        return moment
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        return None
+
+
 # Statements run for every message, prepared once (building one costs more than running it).
 # The sample and its ordered tests come in one query (a sample with no tests gives one row
 # with NULL test columns).
@@ -524,7 +537,7 @@ def result_row(sample_id: int, item: ResultInput, interface: str, message_id: in
         "flag": item.flag,
         "is_critical": item.is_critical,
         "status": item.status,
-        "observed_at": item.observed_at,
+        "observed_at": observed_utc(item),
         "equipment": item.equipment,
         "comments": _comments(item),
         "interface": interface,

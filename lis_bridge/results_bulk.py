@@ -49,6 +49,7 @@ from lis_bridge.results import (
     _enqueue_jobs,
     _number,
     interface_actor,
+    observed_utc,
     result_row,
 )
 from lis_bridge.types import ResultInput
@@ -382,13 +383,14 @@ def result_copy_text(writes: BulkWrites) -> str:
         shared = f"{sample_id}\t{esc(interface)}\t{message}\tt\t{_NULL}\t{created}\t"
         for item in items:
             number = _number(item)
-            when = item.observed_at
+            when = item.observed_at  # cached by the item's own (live) object
             if when is None:
                 observed = _NULL
             elif (cached := times.get(id(when))) is not None:
                 observed = cached
             else:
-                observed = times[id(when)] = when.isoformat()
+                utc = observed_utc(item)
+                observed = times[id(when)] = _NULL if utc is None else utc.isoformat()
             lines.append(shared + "\t".join((
                 esc(item.test_code), esc(item.analyzer_code), esc(item.value_text),
                 _NULL if number is None else str(number), esc(item.comparator),

@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from drivers.astm.records import (
@@ -91,9 +91,18 @@ def parse_astm_datetime(text: str) -> datetime | None:
     except ValueError:
         return None
     if tz:
-        sign = 1 if tz[0] == "+" else -1
-        offset = timedelta(hours=int(tz[1:3]), minutes=int(tz[3:5]))
-        value = value.replace(tzinfo=timezone(sign * offset))
+        hours, minutes = int(tz[1:3]), int(tz[3:5])
+        # Real offsets run from -12:00 to +14:00; a larger one (PostgreSQL refuses past
+        # 15:59, Python past 23:59) or one that takes the moment out of years 1..9999 in
+        # UTC (where it is stored) is a garbled stamp: no time, like an impossible date.
+        if minutes > 59 or hours * 60 + minutes > 14 * 60:
+            return None
+        offset = timedelta(hours=hours, minutes=minutes)
+        value = value.replace(tzinfo=timezone(offset if tz[0] == "+" else -offset))
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            return None
     return value
 
 

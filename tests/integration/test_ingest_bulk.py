@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -709,3 +709,76 @@ def test_the_fast_result_copy_text_is_the_row_by_row_text(
     expected = "".join("\t".join(_copy_text(row[name]) for name in RESULT_COPY_COLUMNS) + "\n"
                        for row in rows)
     assert result_copy_text(writes) == expected
+
+
+def test_observed_at_with_an_offset_is_stored_in_utc_by_both_paths(db_url: str) -> None:
+    """OBX-14 10:10+05:30 is stored as 04:40 UTC whichever way the result is written: the
+    fast lane (SQLite rows, PostgreSQL COPY text) and one message at a time."""
+    from lis_bridge.models import Result
+
+    prepare(db_url)
+    rt = runtime()
+
+    def message(control_id: str, specimen_id: str) -> bytes:
+        return oru(control_id, specimen_id, [("GLU", "5.4", "F")]).replace(
+            b"|F\r", b"|F|||20250301101000+0530\r")
+
+    engine = make_engine(db_url, writer=True)
+    try:
+        with session_factory(engine)() as session:
+            bulk = ingest_bulk(session, [BulkItem(rt, message(f"m{n}", specimen), "p", True)
+                                         for n, specimen in enumerate(("P-1", "P-2"))])
+            session.commit()
+            alone = ingest_one(session, BulkItem(rt, message("m9", "P-5"), "p", True))
+            session.commit()
+        assert [r.status for r in [*bulk, alone]] == [MessageStatus.APPLIED] * 3
+        with session_factory(engine)() as session:
+            stored = session.scalars(select(Result.observed_at).order_by(Result.id)).all()
+        assert [t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC) for t in stored] == [
+            datetime(2025, 3, 1, 4, 40, tzinfo=UTC)] * 3
+    finally:
+        engine.dispose()
+
+
+def test_a_refused_write_logs_what_went_wrong_not_the_values(db_url: str) -> None:
+    """psycopg2's error text quotes the statement (``LINE 1: ...``) and the value it
+    refused; SQLAlchemy's adds the parameters. The writer's log line and the StorageError
+    text (which reaches the ACK) keep only the first line, less the quoted value."""
+    import threading
+
+    from sqlalchemy.exc import DataError
+    from structlog.testing import capture_logs
+
+    from engine.errors import StorageError
+    from engine.writer import DatabaseWriter
+
+    secret = "7.4242477x"
+
+    def work(session: Session) -> None:
+        if session.bind.dialect.name == "postgresql":  # type: ignore[union-attr]
+            session.execute(text("SELECT CAST(:v AS numeric), 'mmol/L'"), {"v": secret})
+        raise DataError("SELECT CAST(?)", {"v": secret}, ValueError(
+            f'invalid input syntax for type numeric: "{secret}"\nLINE 1: SELECT CAST(\'{secret}\''))
+
+    class Reactor:
+        def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+            f(*args, **kwargs)
+
+    engine = make_engine(db_url, writer=True)
+    writer = DatabaseWriter(session_factory(engine), Reactor())  # type: ignore[arg-type]
+    done = threading.Event()
+    failures: list[Any] = []
+    try:
+        with capture_logs() as logs:
+            writer.start()
+            writer.submit(work).addErrback(lambda f: (failures.append(f.value), done.set()))
+            assert done.wait(20)
+            writer.stop()
+    finally:
+        engine.dispose()
+    (error,) = failures
+    assert isinstance(error, StorageError)
+    (line,) = [entry for entry in logs if entry["event"] == "db.write.failed"]
+    assert "invalid input syntax for type numeric" in line["detail"]
+    assert secret not in repr(logs) and secret not in str(error)
+    assert "LINE" not in line["detail"] and "mmol" not in repr(logs)

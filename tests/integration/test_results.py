@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -331,3 +332,24 @@ def test_cancel_test_completes_the_sample(sessions: sessionmaker[Session]) -> No
         assert events(session)[-1][:3] == ("PROCESSING", "COMPLETED", "dr.who")
         assert len(jobs(session, "render_report")) == 1
         assert [a.action for a in session.scalars(select(AccessAudit))] == ["test.cancelled"]
+
+
+def test_observed_at_with_an_offset_is_stored_in_utc(sessions: sessionmaker[Session]) -> None:
+    """10:10+05:30 is 04:40 UTC on SQLite too (its DateTime keeps only the wall clock); a
+    time without an offset (analyzer local time) is stored as sent."""
+    from datetime import timedelta, timezone
+
+    ist = timezone(timedelta(hours=5, minutes=30))
+    with sessions() as session:
+        make_sample(session)
+        apply(session, [replace(res("GLU", "5.2"), observed_at=datetime(2025, 3, 1, 10, 10,
+                                                                         tzinfo=ist)),
+                        replace(res("NA", "140"), observed_at=datetime(2025, 3, 1, 10, 10))])
+        session.commit()
+    with sessions() as session:
+        stored = dict(session.execute(select(Result.test_code, Result.observed_at)).tuples().all())
+    glu, na = stored["GLU"], stored["NA"]
+    assert glu is not None and na is not None
+    assert (glu.astimezone(UTC) if glu.tzinfo else glu.replace(tzinfo=UTC)) == datetime(
+        2025, 3, 1, 4, 40, tzinfo=UTC)
+    assert na.replace(tzinfo=None) == datetime(2025, 3, 1, 10, 10)
