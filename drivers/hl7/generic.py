@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from drivers.hl7.parser import (
     HL7Message,
@@ -71,6 +71,7 @@ class _Group:
     orc: Segment | None = None
     patient_id: str = ""
     observations: list[Segment] = field(default_factory=list)
+    notes: dict[int, list[str]] = field(default_factory=dict)  # OBX position -> NTE-3 texts
 
     def get(self, name: str) -> Segment | None:
         if name == "OBR":
@@ -181,11 +182,12 @@ class GenericHL7Driver:
             specimens = self._specimens(message, warnings)
             if msg_type in _ORDER_TYPES:
                 kind = MessageKind.ORDERS
-            elif mindray_flag == "2" or (specimens and all(s.is_qc for s in specimens)):
+            elif mindray_flag in ("1", "2") or (specimens and all(s.is_qc for s in specimens)):
+                # PROTOCOLS 88: calibration (1) and QC (2) results are not patient results
                 kind = MessageKind.QC
             else:
                 kind = MessageKind.RESULTS
-            if mindray_flag == "2":
+            if mindray_flag in ("1", "2"):
                 specimens = tuple(_with_qc(s) for s in specimens)
             if kind is not MessageKind.ORDERS and not any(s.observations for s in specimens):
                 warnings.append("no OBX observation in this message")
@@ -214,6 +216,9 @@ class GenericHL7Driver:
         for group in groups:
             specimen_id = self._specimen_id(group)
             observations = [self._observation(obx, warnings) for obx in group.observations]
+            for position, texts in group.notes.items():
+                obs = observations[position]
+                observations[position] = replace(obs, comments=(*obs.comments, *texts))
             spm = group.specimen.get("SPM")
             is_qc = spm is not None and _is_qc_specimen(spm)
             ordered = group.obr.component(4, 1) if group.obr is not None else ""
@@ -269,14 +274,13 @@ class GenericHL7Driver:
             seg = group.get(seg_name)
             if seg is None:
                 continue
-            value = _clean(seg.component(number, 1))
-            if not value:
-                continue
-            sub = seg.seps.subcomponent
-            if sub in value:
-                value = next((_clean(p) for p in value.split(sub) if _clean(p)), "")
-            if value:
-                return value
+            seps = seg.seps
+            first = seg.raw(number).split(seps.repetition, 1)[0].split(seps.component, 1)[0]
+            # Split on the subcomponent separator before unescaping: ``\T\`` is a literal "&".
+            for part in first.split(seps.subcomponent):
+                value = _clean(unescape(part, seps) if seps.escape in part else part)
+                if value:
+                    return value
         return ""
 
     def _observation(self, obx: Segment, warnings: list[str]) -> Observation:
@@ -289,6 +293,7 @@ class GenericHL7Driver:
         if (
             self.code_field == "OBX-4"
             or (len(fields) > 4 and fields[4].strip())  # Mindray code or a sub-id
+            or (len(fields) > 2 and fields[2].strip() == "SN")  # structured numeric
             or not obx.is_plain()
         ):
             return self._observation_general(obx, warnings)
@@ -353,7 +358,7 @@ class GenericHL7Driver:
         observed_at = parse_hl7_datetime(when) if when else None
         return Observation(
             analyzer_code=code.strip(),
-            value_text=_value_text(obx),
+            value_text=_value_text(obx, sn=obx.field(2).strip() == "SN"),
             units=obx.component(6, 1).strip(),
             reference_range=obx.field(7).strip(),
             flags=flags,
@@ -437,10 +442,10 @@ def _first_sub(value: str, sub: str) -> str:
     return next((p for p in value.split(sub) if p.strip()), "")
 
 
-def _value_text(obx: Segment) -> str:
+def _value_text(obx: Segment, sn: bool = False) -> str:
     """OBX-5 as sent, unescaped, with trailing empty components dropped (``4.53^`` -> ``4.53``,
     ``NOT DETECTED^`` -> ``NOT DETECTED``); repetitions stay joined by the repetition
-    separator."""
+    separator. With ``sn`` (OBX-2 ``SN``) each repetition is read by :func:`_sn_text`."""
     raw = obx.raw(5)
     if not raw:
         return ""
@@ -448,10 +453,23 @@ def _value_text(obx: Segment) -> str:
     reps = []
     for rep in raw.split(seps.repetition):
         comps = rep.split(seps.component)
+        if sn:
+            reps.append(_sn_text(_unescape_parts(comps, obx)))
+            continue
         while len(comps) > 1 and not comps[-1]:
             comps.pop()
         reps.append(seps.component.join(_unescape_parts(comps, obx)))
     return seps.repetition.join(reps)
+
+
+def _sn_text(parts: list[str]) -> str:
+    """A structured numeric (PROTOCOLS 93), ``comparator^num1[^separator^num2]``, as the text
+    the mapping reads: ``>^25`` -> ``>25``, ``^30`` and ``=^30`` -> ``30``, a ratio ``^1^:^40``
+    -> ``1:40``, a range ``^2^-^5`` -> ``2-5`` (text, not a number)."""
+    parts = [p.strip() for p in parts]
+    if parts[0] == "=":
+        parts[0] = ""
+    return "".join(parts)
 
 
 def _unescape_parts(parts: list[str], seg: Segment) -> list[str]:
@@ -480,22 +498,36 @@ def _group(message: HL7Message) -> list[_Group]:
       current group has no specimen yet belongs to that group.
     * OUL^R22: SPM [SAC] then OBR [ORC] [TQ1] {OBX} ...: an SPM that arrives when the current
       group already has one opens a new specimen context for the OBRs that follow.
-    * An ORC after an OBR with no OBX yet belongs to that OBR (LAW order); otherwise it waits
-      for the next OBR (ORU order).
+    * An ORC belongs to the OBR that follows it (ORU order), except that an ORC after an OBR
+      with no OBX yet belongs to that OBR (LAW order) unless it is followed by an OBR that has
+      no ORC of its own after it (:func:`_orc_before_obr`).
     * OBX with no OBR (BioSystems BA200: MSH + OBX only) opens an implicit group.
+    * NTE after an OBX (past its TCD/SID) comments that OBX (PROTOCOLS 92, 98); NTE anywhere
+      else (patient, order) is not kept: the model has no place for it.
     """
     groups: list[_Group] = []
     specimen: dict[str, Segment] = {}
     patient_id = ""
     current: _Group | None = None
     pending_orc: Segment | None = None
-    for seg in message.segments:
+    noted: tuple[_Group, int] | None = None  # the group and position of the OBX an NTE follows
+    segments = message.segments
+    for index, seg in enumerate(segments):
         name = seg.name
+        if name == "NTE":
+            text = _note_text(seg)
+            if noted is not None and text:
+                noted[0].notes.setdefault(noted[1], []).append(text)
+            continue
+        if name in ("TCD", "SID"):
+            continue
+        noted = None
         if name == "OBX":
             if current is None:
                 current = _Group(specimen=specimen, patient_id=patient_id)
                 groups.append(current)
             current.observations.append(seg)
+            noted = (current, len(current.observations) - 1)
         elif name == "OBR":
             current = _Group(specimen=specimen, patient_id=patient_id, obr=seg, orc=pending_orc)
             pending_orc = None
@@ -506,6 +538,7 @@ def _group(message: HL7Message) -> list[_Group]:
                 and current.orc is None
                 and current.obr is not None
                 and not (current.observations)
+                and not _orc_before_obr(segments, index)
             ):
                 current.orc = seg
             else:
@@ -526,3 +559,25 @@ def _group(message: HL7Message) -> list[_Group]:
             specimen = {}
             current = None
     return groups
+
+
+def _orc_before_obr(segments: list[Segment], index: int) -> bool:
+    """True when the ORC at ``index`` is followed (past TQ1/TQ2) by an OBR with no ORC right
+    after it: that ORC opens the next order (ORU order, PROTOCOLS 92) rather than closing
+    the OBR before it (LAW order, PROTOCOLS 98: each OBR followed by its own ORC)."""
+    after = index + 1
+    while after < len(segments) and segments[after].name in ("TQ1", "TQ2"):
+        after += 1
+    if after >= len(segments) or segments[after].name != "OBR":
+        return False
+    return after + 1 >= len(segments) or segments[after + 1].name != "ORC"
+
+
+def _note_text(nte: Segment) -> str:
+    """NTE-3: its non-empty components joined by a blank (Cepheid sends ``Notes^^notes for
+    OBM``), one line per repetition."""
+    lines = (
+        " ".join(c.strip() for c in nte.components(3, rep) if c.strip())
+        for rep in range(1, len(nte.repetitions(3)) + 1)
+    )
+    return "\n".join(line for line in lines if line)

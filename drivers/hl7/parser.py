@@ -530,7 +530,7 @@ def parse_message(
         for char in (seps.repetition, seps.escape, seps.subcomponent)
     )
     known_names: set[str] = set()  # names already checked: most repeat (25 OBX)
-    for line in lines[1:]:
+    for number, line in enumerate(lines[1:], start=2):
         if not line or line.isspace():
             continue
         fields = line.split(fsep)
@@ -538,10 +538,21 @@ def parse_message(
         if name not in known_names:
             if len(name) != 3 or not _SEGMENT_NAME.match(name):
                 stripped = name.strip().strip("\x1c\x0b")
-                if not stripped:
+                if not stripped and len(fields) == 1:
                     continue
+                if len(fields) > 1:
+                    # A segment whose name is damaged (``OBx``, `` OBX``, ``0BX``): dropping
+                    # it would apply the rest and answer AA with a result lost. Refuse the
+                    # message so that the sender resends it.
+                    raise HL7ParseError(
+                        f"line {number} has fields but {name[:12]!r} is not a segment name "
+                        "(three characters, an uppercase letter then uppercase letters or "
+                        "digits): the segment is damaged"
+                    )
+                # Text with no field separator (a heading printed with the message, corpus
+                # mindray_polish_site__1) holds no value: ignored with a warning.
                 warnings.append(
-                    f"line {len(segments) + 1} does not start with a segment name "
+                    f"line {number} does not start with a segment name "
                     f"({stripped[:12]!r}...); it was ignored"
                 )
                 continue

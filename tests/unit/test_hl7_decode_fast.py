@@ -164,6 +164,8 @@ def test_plain_obx_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
         "OBX|7|NM|||5",  # no code: a warning
         'OBX|8|NM|GLU||5^^|mmol/L| 3-6 |""|||F',  # trailing components, HL7 null flag
         "OBX|9",  # nothing after the set id
+        "OBX|10|SN|GLU||>^25|mmol/L|3.9-6.1|||F",  # structured numeric (PROTOCOLS 93)
+        "OBX|11|SN|TITER||^1^:^40",  # SN ratio
         "OBX",
     ],
 )
@@ -174,6 +176,21 @@ def test_odd_obx_read_the_same_both_ways(obx: str, code_field: str) -> None:
     for seg in parse_message(raw).segments_named("OBX"):
         assert_same_observation(driver, seg)
     assert_same_decode(raw, code_field)
+
+
+def test_sn_and_nte_read_on_the_fast_path_too() -> None:
+    # PROTOCOLS 92, 93: a plain SN OBX and the NTE after a plain OBX.
+    raw = (
+        b"MSH|^~\\&|A|L|||20240102030405||ORU^R01|C1|P|2.5.1\r"
+        b"OBR|1|S1|S1\r"
+        b"OBX|1|SN|GLU||>^25|mmol/L|3.9-6.1|||F\r"
+        b"OBX|2|NM|K||6.0|mmol/L\r"
+        b"NTE|1|L|haemolysed\r"
+    )
+    glu, k = GenericHL7Driver().decode(raw).specimens[0].observations
+    assert (glu.value_text, glu.comparator, str(glu.number)) == (">25", ">", "25")
+    assert k.comments == ("haemolysed",)
+    assert_same_decode(raw, "auto")
 
 
 # ------------------------------------------------------------------ corpus

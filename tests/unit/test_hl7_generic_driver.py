@@ -337,3 +337,112 @@ def test_unreadable_msh7_is_a_warning() -> None:
     decoded = GenericHL7Driver().decode(raw)
     assert decoded.sent_at is None
     assert any("MSH-7" in w for w in decoded.warnings)
+
+
+@pytest.mark.parametrize(
+    ("obx5", "value", "comparator", "number"),
+    [
+        ("^30", "30", "", "30"),
+        (">^25", ">25", ">", "25"),
+        ("<^2", "<2", "<", "2"),
+        ("=^7", "7", "", "7"),
+        ("<=^0.5", "<=0.5", "<=", "0.5"),
+        ("^1^:^40", "1:40", "", None),  # a ratio stays text
+        ("^2^-^5", "2-5", "", None),  # a range stays text
+    ],
+)
+def test_sn_value_reads_comparator_and_number(
+    obx5: str, value: str, comparator: str, number: str | None
+) -> None:
+    # PROTOCOLS 93: OBX-2 SN is comparator^num1[^separator^num2].
+    raw = msg(MSH_ORU, "OBR|1||S1|CHEM", f"OBX|1|SN|GLU||{obx5}|mmol/L|3.9-6.1|||F")
+    obs = GenericHL7Driver().decode(raw).specimens[0].observations[0]
+    assert obs.value_text == value
+    assert obs.value_type == "SN"
+    assert obs.comparator == comparator
+    assert (str(obs.number) if obs.number is not None else None) == number
+
+
+def test_nte_after_obx_is_its_comment() -> None:
+    # PROTOCOLS 92, 98: {OBX [NTE]}; NTE-3 repetitions one line each, components joined.
+    raw = msg(
+        MSH_OUL,
+        "SPM|1|S1",
+        "OBR|1||S1|CHEM",
+        "NTE|1||order note",  # the order's: no result gets it
+        "OBX|1|NM|NA||140|mmol/L",
+        "OBX|2|NM|K||6.0|mmol/L",
+        "TCD|K",
+        "NTE|1|L|Sample haemolysed~K falsely raised",
+        "NTE|2|L|Notes^^see report",
+        "NTE|3",
+        "OBR|2||S2|CHEM",
+        "NTE|1||second order note",
+        "OBX|1|ST|CMT||x",
+    )
+    s1, s2 = GenericHL7Driver().decode(raw).specimens
+    na, k = s1.observations
+    assert na.comments == ()
+    assert k.comments == ("Sample haemolysed\nK falsely raised", "Notes see report")
+    assert s2.observations[0].comments == ()
+
+
+def test_orc_before_the_next_obr_belongs_to_it() -> None:
+    # PROTOCOLS 92: ORU order is [ORC] OBR; an OBR with no OBX must not take the next ORC.
+    raw = msg(
+        MSH_ORU,
+        "OBR|1||S001|PANEL",
+        "ORC|RE||S002",
+        "OBR|2||",
+        "OBX|1|NM|GLU||5.0|mmol/L|||||F",
+    )
+    decoded = GenericHL7Driver({"specimen_id_order": ["ORC-3", "OBR-3"]}).decode(raw)
+    assert [(s.specimen_id, len(s.observations)) for s in decoded.specimens] == [
+        ("S001", 0), ("S002", 1)
+    ]
+    assert decoded.specimens[1].action_code == "RE"
+
+
+def test_law_orc_after_obr_without_obx_stays_with_it() -> None:
+    # PROTOCOLS 98: LAW order is OBR ORC [TQ1] per order, even when an order has no OBX.
+    raw = msg(
+        MSH_OUL,
+        "SPM|1|S1",
+        "OBR|1||S1|A",
+        "ORC|SC||S1",
+        "TQ1|1",
+        "OBR|2||S1|B",
+        "ORC|CM||S1",
+        "OBX|1|NM|B||1",
+    )
+    specimen = GenericHL7Driver().decode(raw).specimens[0]
+    assert specimen.action_code == "SC"
+    assert specimen.ordered_codes == ("A", "B")
+
+
+def test_calibration_by_mindray_msh16() -> None:
+    # PROTOCOLS 88: Mindray MSH-16 = 1 (calibration) is not a patient result, like 2 (QC).
+    raw = msg("MSH|^~\\&|||||20240102||ORU^R01|1|P|2.3.1||||1", "OBR|1||S|X", "OBX|1|NM|X||1")
+    decoded = GenericHL7Driver().decode(raw)
+    assert decoded.kind is MessageKind.QC
+    assert decoded.specimens[0].is_qc
+    assert decoded.extra["mindray_result_type"] == "1"
+
+
+def test_mindray_msh16_zero_is_patient_results() -> None:
+    raw = msg("MSH|^~\\&|||||20240102||ORU^R01|1|P|2.3.1||||0", "OBR|1||S|X", "OBX|1|NM|X||1")
+    decoded = GenericHL7Driver().decode(raw)
+    assert decoded.kind is MessageKind.RESULTS
+    assert not decoded.specimens[0].is_qc
+
+
+@pytest.mark.parametrize(
+    ("obr3", "specimen_id"),
+    [("AB\\T\\12", "AB&12"), ("&ID7&BARCODE", "ID7"), ('""&S9', "S9"), ("S\\F\\1^X", "S|1")],
+)
+def test_specimen_id_split_on_subcomponents_before_unescaping(
+    obr3: str, specimen_id: str
+) -> None:
+    # PROTOCOLS 81, 99: an escaped "&" (\T\) is part of the id, a raw "&" separates (EIP).
+    raw = msg(MSH_ORU, f"OBR|1||{obr3}|X", "OBX|1|NM|GLU||5")
+    assert GenericHL7Driver().decode(raw).specimen_ids == (specimen_id,)

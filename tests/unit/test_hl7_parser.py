@@ -252,6 +252,21 @@ def test_stray_text_line_becomes_warning() -> None:
     assert any("does not start with a segment name" in w for w in msg.warnings)
 
 
+@pytest.mark.parametrize("line", ["OBx|2|NM|K||7.9", " OBX|2|NM|K||7.9", "0BX|2|NM|K||7.9",
+                                  "OB|2|NM|K||7.9", "|2|NM|K||7.9", "OBXX|2|NM|K"])
+def test_damaged_segment_name_refused(line: str) -> None:
+    # PROTOCOLS 79, 92: a segment whose name is damaged would lose a result if skipped.
+    with pytest.raises(HL7ParseError) as info:
+        parse_message((ORU + line + "\rNTE|1||after\r").encode())
+    assert "line 5" in str(info.value)
+    assert "not a segment name" in str(info.value)
+
+
+def test_z_segment_and_digit_names_accepted() -> None:
+    msg = parse_message((ORU + "ZR1|1|x\rPV2|1\r").encode())
+    assert [s.name for s in msg.segments][-2:] == ["ZR1", "PV2"]
+
+
 @pytest.mark.parametrize("terminator", ["\r", "\n", "\r\n"])
 def test_split_messages(terminator: str) -> None:
     one = ORU.replace("\r", terminator)
