@@ -31,6 +31,14 @@ def runtime(ack_policy: str = "after_apply") -> InterfaceRuntime:
                             load_mapping(REPO / "mappings" / "generic_hl7.yaml"))
 
 
+def astm_runtime() -> InterfaceRuntime:
+    config = InterfaceConfig(name="t-astm", protocol="astm", driver="astm-generic",
+                             mapping=REPO / "mappings" / "generic_astm.yaml",
+                             listen="tcp:0:interface=127.0.0.1")
+    return InterfaceRuntime(config, create_driver("astm-generic", "astm"),
+                            load_mapping(REPO / "mappings" / "generic_astm.yaml"))
+
+
 def oru(control_id: str, specimen_id: str, code: str = "GLU", value: str = "5.4",
         status: str = "F") -> bytes:
     return (f"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ORU^R01|{control_id}|P|2.5.1\r"
@@ -256,11 +264,7 @@ class InternalErrorTests(unittest.TestCase):
 def test_astm_message_cut_before_its_l_record_is_kept_not_applied(sessions) -> None:  # type: ignore[no-untyped-def]
     """An ASTM transfer that ended before the L record may end inside a field (4. of 4.5):
     it is stored and visible, nothing is applied, and the whole resend is not blocked."""
-    config = InterfaceConfig(name="t-astm", protocol="astm", driver="astm-generic",
-                             mapping=REPO / "mappings" / "generic_astm.yaml",
-                             listen="tcp:0:interface=127.0.0.1")
-    rt = InterfaceRuntime(config, create_driver("astm-generic", "astm"),
-                          load_mapping(REPO / "mappings" / "generic_astm.yaml"))
+    rt = astm_runtime()
     with sessions() as session:
         import_orders_csv(session, ORDERS.replace("GLU NA", "K"), actor="t")
         session.commit()
@@ -286,11 +290,7 @@ def test_astm_message_ending_in_a_bare_l_record_is_applied(sessions, corpus: Pat
     assert _ends_with_l(b"H|\\^&\rL\n") and _ends_with_l(b"H|\\^&\rl|1|N\r")
     assert not _ends_with_l(b"H|\\^&\rR|1|^^^K|4.")
     assert not _ends_with_l(b"H|\\^&\rLX|1\r")
-    config = InterfaceConfig(name="t-astm", protocol="astm", driver="astm-generic",
-                             mapping=REPO / "mappings" / "generic_astm.yaml",
-                             listen="tcp:0:interface=127.0.0.1")
-    rt = InterfaceRuntime(config, create_driver("astm-generic", "astm"),
-                          load_mapping(REPO / "mappings" / "generic_astm.yaml"))
+    rt = astm_runtime()
     with sessions() as session:
         import_orders_csv(session, ORDERS.replace("GLU NA", "K"), actor="t")
         session.commit()
@@ -485,11 +485,7 @@ def test_a_host_query_naming_no_known_sample_does_not_log_the_id(sessions) -> No
 
     from engine.pipeline import answer_query
 
-    config = InterfaceConfig(name="t-astm", protocol="astm", driver="astm-generic",
-                             mapping=REPO / "mappings" / "generic_astm.yaml",
-                             listen="tcp:0:interface=127.0.0.1")
-    rt = InterfaceRuntime(config, create_driver("astm-generic", "astm"),
-                          load_mapping(REPO / "mappings" / "generic_astm.yaml"))
+    rt = astm_runtime()
     with sessions() as session:
         import_orders_csv(session, ORDERS, actor="t")
         session.commit()
