@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
+# Processing ids of messages that are not production (ASTM H-12, HL7 MSH-11): training and
+# debugging. Their results are never applied to patients' samples (kind OTHER, stored).
+NOT_PRODUCTION = {"T": "training", "D": "debugging"}
+
 
 class MessageKind(enum.StrEnum):
     RESULTS = "results"

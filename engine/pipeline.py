@@ -352,7 +352,13 @@ def _apply(
         result.status = row.status
         return result
     if message.kind != MessageKind.RESULTS:
-        # keep-alive, QC, order acknowledgements: stored, nothing to apply (PROTOCOLS 44)
+        # keep-alive, QC, order acknowledgements, training: stored, nothing to apply
+        # (PROTOCOLS 44)
+        if message.kind == MessageKind.OTHER and message.specimens:
+            # results in a training or debugging message (drivers.model.NOT_PRODUCTION)
+            log.warning("message.not_applied", interface=rt.name, message_id=row.id,
+                        reason="not a production message (training or debugging)",
+                        control_id=message.control_id)
         row.status = MessageStatus.IGNORED
         result.status = row.status
         return result

@@ -50,6 +50,7 @@ from drivers.astm.records import (
     parse_message,
 )
 from drivers.model import (
+    NOT_PRODUCTION,
     AnalyzerMessage,
     MessageKind,
     Observation,
@@ -265,6 +266,10 @@ class GenericASTMDriver:
             # the patient results beside it into "QC, ignored" (the pipeline skips QC
             # specimens one by one).
             kind = MessageKind.QC
+        elif has_results and processing_id in NOT_PRODUCTION:
+            kind = MessageKind.OTHER
+            warnings.append(f"H-12 {processing_id} ({NOT_PRODUCTION[processing_id]}): "
+                            "results not applied to patients")
         elif has_results:
             kind = MessageKind.RESULTS
         elif specimens:

@@ -35,6 +35,7 @@ from drivers.hl7.parser import (
     unescape,
 )
 from drivers.model import (
+    NOT_PRODUCTION,
     AnalyzerMessage,
     MessageKind,
     Observation,
@@ -185,6 +186,10 @@ class GenericHL7Driver:
             elif mindray_flag in ("1", "2") or (specimens and all(s.is_qc for s in specimens)):
                 # PROTOCOLS 88: calibration (1) and QC (2) results are not patient results
                 kind = MessageKind.QC
+            elif (processing := msh.component(11, 1).strip().upper()) in NOT_PRODUCTION:
+                kind = MessageKind.OTHER
+                warnings.append(f"MSH-11 {processing} ({NOT_PRODUCTION[processing]}): "
+                                "results not applied to patients")
             else:
                 kind = MessageKind.RESULTS
             if mindray_flag in ("1", "2"):

@@ -497,3 +497,30 @@ def test_a_host_query_naming_no_known_sample_does_not_log_the_id(sessions) -> No
             answered = [e for e in logs if e["event"] == "astm.query.answered"]
             assert answered, logs
             assert (queried in repr(logs)) == (queried == "P-1"), logs
+
+
+def test_training_and_debugging_results_are_not_applied_to_patients(sessions) -> None:  # type: ignore[no-untyped-def]
+    """PROTOCOLS 65 (ASTM H-12) and HL7 MSH-11: processing id T (training) or D
+    (debugging) marks a message that is not production. Its results are stored with the
+    message, IGNORED, logged, and never written to the patient's sample; P is applied."""
+    from structlog.testing import capture_logs
+
+    from lis_bridge.models import Result
+
+    with sessions() as session:
+        import_orders_csv(session, ORDERS.replace("GLU NA", "K"), actor="t")
+        session.commit()
+    astm = (b"H|\\^&|||an^1|||||host||%s|1\rP|1\rO|1|P-1||^^^K|R||||||N||||||||||||||F\r"
+            b"R|1|^^^K|4.5|mmol/L|3.5 to 5.1|N||F\rL|1|N\r")
+    hl7 = oru("train-1", "P-1", code="K", value="4.5").replace(b"|train-1|P|", b"|%s|%s|")
+    for rt, raw in ((astm_runtime(), astm), (runtime(), hl7)):
+        for processing in (b"T", b"D"):
+            message = raw % ((processing,) if rt.config.protocol == "astm"
+                             else (b"train-" + processing, processing))
+            with capture_logs() as logs:
+                result = apply(sessions, rt, message)
+            assert result.status == MessageStatus.IGNORED, (rt.name, processing, result)
+            assert [e for e in logs if e["event"] == "message.not_applied"]
+        with sessions() as session:
+            assert session.scalars(select(Result)).all() == []
+    assert apply(sessions, astm_runtime(), astm % b"P").status != MessageStatus.IGNORED
