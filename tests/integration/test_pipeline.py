@@ -39,6 +39,18 @@ def astm_runtime() -> InterfaceRuntime:
                             load_mapping(REPO / "mappings" / "generic_astm.yaml"))
 
 
+def order_and_receive_p2(session: Session) -> None:
+    """The ORDERS imported, and sample P-2 received at the lab."""
+    from lis_bridge.lifecycle import transition
+    from lis_bridge.models import Sample
+
+    assert import_orders_csv(session, ORDERS, actor="t").ok
+    session.commit()
+    sample = session.scalars(select(Sample).where(Sample.specimen_id == "P-2")).one()
+    transition(session, sample, "RECEIVED_AT_LAB", actor="t", location="Lab")
+    session.commit()
+
+
 def oru(control_id: str, specimen_id: str, code: str = "GLU", value: str = "5.4",
         status: str = "F") -> bytes:
     return (f"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ORU^R01|{control_id}|P|2.5.1\r"
@@ -171,19 +183,13 @@ class BulkLogTests(unittest.TestCase):
 
         from structlog.testing import capture_logs
 
-        from lis_bridge.lifecycle import transition
-        from lis_bridge.models import Sample
 
         url = f"sqlite:///{tempfile.mkdtemp()}/lis.db"
         engine = make_engine(url)
         upgrade(engine)
         sessions = session_factory(engine)
         with sessions() as session:
-            assert import_orders_csv(session, ORDERS, actor="t").ok
-            session.commit()
-            sample = session.scalars(select(Sample).where(Sample.specimen_id == "P-2")).one()
-            transition(session, sample, "RECEIVED_AT_LAB", actor="t", location="Lab")
-            session.commit()
+            order_and_receive_p2(session)
         writer = DatabaseWriter(session_factory(make_engine(url, writer=True)), reactor)
         writer.start()
         self.addCleanup(writer.stop)
@@ -376,15 +382,10 @@ def test_an_after_commit_message_queued_twice_is_applied_once(db_url: str, sessi
 
     from engine.ingest_process import _Answerer
     from engine.pipeline import apply_later, unapplied_messages
-    from lis_bridge.lifecycle import transition
-    from lis_bridge.models import Result, Sample
+    from lis_bridge.models import Result
 
     with sessions() as session:
-        assert import_orders_csv(session, ORDERS, actor="t").ok
-        session.commit()
-        sample = session.scalars(select(Sample).where(Sample.specimen_id == "P-2")).one()
-        transition(session, sample, "RECEIVED_AT_LAB", actor="t", location="Lab")
-        session.commit()
+        order_and_receive_p2(session)
         rt = runtime("after_commit")
         stored = ingest(session, rt, oru("twice-1", "P-2"), "127.0.0.1:5", apply_now=False)
         session.commit()

@@ -164,13 +164,15 @@ def test_qc_by_spm11() -> None:
     assert decoded.specimens[0].is_qc
 
 
-def test_qc_by_mindray_msh16() -> None:
-    # PROTOCOLS 88: Mindray MSH-16 = 2 means QC.
-    raw = msg("MSH|^~\\&|||||20240102||ORU^R01|1|P|2.3.1||||2", "OBR|1||S|X", "OBX|1|NM|X||1")
+@pytest.mark.parametrize("flag", ["1", "2"])
+def test_qc_and_calibration_by_mindray_msh16(flag: str) -> None:
+    # PROTOCOLS 88: Mindray MSH-16 = 2 means QC, 1 calibration: neither is a patient result.
+    raw = msg(f"MSH|^~\\&|||||20240102||ORU^R01|1|P|2.3.1||||{flag}", "OBR|1||S|X",
+              "OBX|1|NM|X||1")
     decoded = GenericHL7Driver().decode(raw)
     assert decoded.kind is MessageKind.QC
     assert decoded.specimens[0].is_qc
-    assert decoded.extra["mindray_result_type"] == "2"
+    assert decoded.extra["mindray_result_type"] == flag
 
 
 @pytest.mark.parametrize(
@@ -418,15 +420,6 @@ def test_law_orc_after_obr_without_obx_stays_with_it() -> None:
     specimen = GenericHL7Driver().decode(raw).specimens[0]
     assert specimen.action_code == "SC"
     assert specimen.ordered_codes == ("A", "B")
-
-
-def test_calibration_by_mindray_msh16() -> None:
-    # PROTOCOLS 88: Mindray MSH-16 = 1 (calibration) is not a patient result, like 2 (QC).
-    raw = msg("MSH|^~\\&|||||20240102||ORU^R01|1|P|2.3.1||||1", "OBR|1||S|X", "OBX|1|NM|X||1")
-    decoded = GenericHL7Driver().decode(raw)
-    assert decoded.kind is MessageKind.QC
-    assert decoded.specimens[0].is_qc
-    assert decoded.extra["mindray_result_type"] == "1"
 
 
 def test_mindray_msh16_zero_is_patient_results() -> None:
