@@ -134,7 +134,11 @@ class OrderedTest(Base):
 
 
 class Result(Base):
-    """One reported value. History is kept: a correction adds a row that supersedes."""
+    """One reported value. History is kept: a correction adds a row that supersedes.
+
+    ``sample_fk`` and ``message_fk`` are foreign keys on SQLite; on PostgreSQL the same
+    rules are held by statement-level triggers, one check per statement instead of one
+    query per row (migration 0004)."""
 
     __tablename__ = "results"
     __table_args__ = (Index("ix_results_sample_test", "sample_fk", "test_code"),)
