@@ -122,7 +122,7 @@ def test_the_results_triggers_lock_what_a_result_names(db_url: str) -> None:
             for table in ("samples", "raw_messages"):
                 with deleter.cursor() as cur, pytest.raises(
                         psycopg2.errors.ForeignKeyViolation, match="never changes"):
-                    cur.execute(f"UPDATE {table} SET id = id + 1000")  # noqa: S608 - our names
+                    cur.execute(f"UPDATE {table} SET id = id + 1000")
                 deleter.rollback()
         finally:
             writer.close()
