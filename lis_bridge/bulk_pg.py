@@ -130,8 +130,13 @@ _PREPARE = (
 # estimates a custom plan cheaper than the generic one, and it did so for the read at
 # every batch: ~0.5 ms of planning in a 0.8 ms round trip (3-message batches, measured).
 # The generic plan is an index lookup per key (tests/integration/test_ingest_bulk.py reads
-# it), so the batch's transaction takes it from the first execution on.
+# it), so the batch's transaction takes it from the first execution on. It is made once per
+# connection, from the statistics of the moment: made while ``samples`` was small, the
+# lock's plan read the whole table at every batch from then on (seen in the bench: two
+# thousand rows read per batch, where a lab has millions). Sequential scans are off for
+# the batch's transaction: every statement of the fast lane finds its rows by key.
 _EXECUTE = ("SET LOCAL plan_cache_mode = force_generic_plan;\n"
+            "SET LOCAL enable_seqscan = off;\n"
             f"EXECUTE {LOCK} (%(samples)s::text[]);\n"
             f"EXECUTE {READ} (%(digests)s::text[], %(since)s, %(interfaces)s::text[], "
             "%(senders)s::text[], %(control_ids)s::text[], %(waiting)s::text[], "

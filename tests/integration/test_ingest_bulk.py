@@ -504,6 +504,38 @@ def test_the_postgresql_read_looks_up_indexes_in_its_generic_plan(
         assert index in plan, (index, plan)
 
 
+@pytest.mark.postgres
+def test_the_postgresql_fast_lane_scans_no_table_while_tables_are_small(
+        postgres_copies: PostgresCopies) -> None:
+    """A connection's generic plans are made at its first batches, from the statistics
+    of the moment: made while ``samples`` held a few rows, the lock's plan read the whole
+    table at every batch from then on. The fast lane's transaction turns sequential scans
+    off; counted in the transaction's own statistics (pg_stat_xact_user_tables)."""
+    import psycopg2
+
+    from lis_bridge import bulk_pg
+
+    with postgres_copies() as (_, url):
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        connection = psycopg2.connect(dsn)
+        try:
+            cursor = connection.cursor()
+            info: dict[str, Any] = {}
+            for n in range(7):  # past the five custom plans PostgreSQL tries first
+                facts = bulk_pg.read_stretch(
+                    cursor, info, digests=["a" * 64], since=datetime(2026, 1, 1, tzinfo=UTC),
+                    senders={("t-hl7", "AN|LAB"): [f"c{n}"]}, waiting=["P-1", "P-2"],
+                    samples=["P-1", "P-2"], new_ids=1)
+            assert set(facts.samples) == {"P-1", "P-2"}
+            cursor.execute("SELECT relname, seq_scan FROM pg_stat_xact_user_tables "
+                           "WHERE seq_scan > 0 AND relname <> 'patients' ORDER BY relname")
+            scanned = cursor.fetchall()
+        finally:
+            connection.rollback()
+            connection.close()
+    assert scanned == []
+
+
 def test_a_plain_batch_takes_the_fast_lane_and_is_complete(sqlite_url: str) -> None:
     """Eight first results for received samples: written together, every row there, the
     samples moved and audited, each message APPLIED with its ACK code."""

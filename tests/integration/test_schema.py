@@ -169,3 +169,26 @@ def test_audit_rows_cannot_be_changed_by_raw_sql(db_engine: Engine, table: str) 
         conn.execute(text(f"DELETE FROM {table}"))
     with db_engine.connect() as conn:
         assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one() == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_results_triggers_scan_no_table_while_tables_are_small(db_url: str) -> None:
+    """PL/pgSQL keeps the plans of a session's first calls: made while ``samples`` and
+    ``raw_messages`` were small, they read those tables whole at every statement from
+    then on. The trigger functions run with sequential scans off; counted in the
+    transaction's own statistics."""
+    engine = make_engine(db_url)
+    try:
+        counts = text("SELECT relname, seq_scan FROM pg_stat_xact_user_tables "
+                      "WHERE relname IN ('samples', 'raw_messages') ORDER BY relname")
+        with engine.connect() as conn:
+            sample, message = _sample_and_message(conn)
+            before = conn.execute(counts).all()
+            for n in range(8):  # past the five custom plans PostgreSQL tries first
+                _insert_result(conn, sample, message, f"T{n}")
+            scanned = conn.execute(counts).all()
+            conn.rollback()
+    finally:
+        engine.dispose()
+    assert scanned == before

@@ -40,8 +40,11 @@ REPLACED = {
 }
 
 # The ids are gathered into an array first: a transition table has no statistics, and a
-# join with it let the planner scan the whole referenced table; ``id = ANY(array)`` is an
-# index lookup per id whatever the sizes.
+# join with it let the planner scan the whole referenced table. The functions run with
+# sequential scans off: PL/pgSQL keeps the plan it made at a session's first calls, and
+# one made while a table was small scanned all of it at every statement from then on
+# (seen: ``samples`` read whole twice per batch); these lookups are by primary key or
+# indexed column, always.
 _CHECK_NEW = """
 CREATE OR REPLACE FUNCTION labrelay_results_refs() RETURNS trigger AS $$
 DECLARE
@@ -71,7 +74,7 @@ BEGIN
     END IF;
     RETURN NULL;
 END;
-$$ LANGUAGE plpgsql
+$$ LANGUAGE plpgsql SET enable_seqscan = off
 """
 
 _CHECK_OLD = """
@@ -94,7 +97,7 @@ BEGIN
     END IF;
     RETURN NULL;
 END;
-$$ LANGUAGE plpgsql
+$$ LANGUAGE plpgsql SET enable_seqscan = off
 """
 
 _ID_FIXED = """
