@@ -229,7 +229,7 @@ def _prepare(index: int, item: BulkItem) -> _Prepared:
     p = _Prepared(index, item, decoded, hashlib.sha256(item.raw).hexdigest())
     message = decoded.message
     if (message is None or message.kind != MessageKind.RESULTS or not item.apply_now
-            or item.rt.mapping is None):
+            or item.rt.mapping is None or message.queries):
         return p
     patients = [s for s in message.specimens if not s.is_qc]
     if len(patients) != 1 or not patients[0].specimen_id:

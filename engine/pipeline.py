@@ -342,7 +342,19 @@ def _apply(
     session: Session, rt: InterfaceRuntime, row: RawMessage, message: AnalyzerMessage,
     now: datetime,
 ) -> IngestResult:
-    """:func:`apply_stored` once the attempt is counted."""
+    """:func:`apply_stored` once the attempt is counted. A message that carries host
+    queries beside its results (an ASTM message with both Q and R records) has its results
+    applied (or held) as any other, and its queries answered as well."""
+    result = _apply_content(session, rt, row, message, now)
+    if message.queries and message.kind != MessageKind.QUERY:
+        result.outgoing = answer_query(session, rt, message)
+    return result
+
+
+def _apply_content(
+    session: Session, rt: InterfaceRuntime, row: RawMessage, message: AnalyzerMessage,
+    now: datetime,
+) -> IngestResult:
     result = IngestResult(row.id, row.status, "accepted", kind=message.kind,
                           control_id=message.control_id, specimen_ids=message.specimen_ids)
     if message.kind == MessageKind.QUERY:

@@ -253,7 +253,13 @@ class GenericASTMDriver:
                 last_type = rtype
 
         terminator = records[-1].value(3, 1).strip().upper() if types[-1] == "L" else ""
-        if queries:
+        if queries and has_results:
+            # Not what E1394 describes, but a message is taken whole: its results are
+            # applied as in any results message, and its queries answered as well
+            # (engine.pipeline), rather than the results dropped as part of a query.
+            warnings.append(f"message carries {len(queries)} host query record(s) beside its "
+                            "results: both are handled")
+        if queries and not has_results:
             kind = MessageKind.QUERY
         elif set(types) <= {"H", "L", "C", "M"}:
             if terminator in ("", "N"):

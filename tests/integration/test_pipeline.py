@@ -525,3 +525,40 @@ def test_training_and_debugging_results_are_not_applied_to_patients(sessions) ->
         with sessions() as session:
             assert session.scalars(select(Result)).all() == []
     assert apply(sessions, astm_runtime(), astm % b"P").status != MessageStatus.IGNORED
+
+
+def test_an_astm_message_with_results_and_a_host_query_has_both_handled(sessions) -> None:  # type: ignore[no-untyped-def]
+    """PROTOCOLS 71: a Q record asks for a worklist. A message that carries R records as
+    well (not what E1394 describes, seen in no corpus file) used to be taken as a query
+    only, its results stored with the message and never applied. Both are handled now:
+    the results applied, the query answered; through the one-at-a-time path and the
+    writer's batch alike."""
+    from engine.ingest_bulk import ingest_bulk, prepare_item
+    from lis_bridge.models import Result
+
+    rt = astm_runtime()
+    with sessions() as session:
+        order_and_receive_p2(session)
+    template = ("H|\\^&|||an^1|||||host||P|1\rP|1\rO|1|{sample}||^^^GLU|R||||||N||||||||||||||F\r"
+                "R|1|^^^GLU|{value}|mmol/L|3.9 to 6.1|N||F\rQ|1|^{queried}||ALL||||||||O\r"
+                "L|1|N\r")
+    alone = template.format(sample="P-2", value="5.4", queried="P-1").encode()
+    message = rt.driver.decode(alone)
+    assert message.kind == "results" and len(message.queries) == 1
+    assert any("host query" in w for w in message.warnings)
+    first = apply(sessions, rt, alone)
+    with sessions() as session:
+        # P-1 is not received: its result is held, and the worklist still goes out
+        batch = ingest_bulk(session, [prepare_item(
+            rt, template.format(sample="P-1", value="6.0", queried="P-1").encode(),
+            "127.0.0.1:1", True)])
+        session.commit()
+    assert first.status == MessageStatus.APPLIED, first
+    assert batch[0].status == MessageStatus.HELD, batch[0]
+    for result in (first, batch[0]):
+        assert len(result.outgoing) == 1, result  # the worklist answer: P-1's GLU and NA
+        assert b"O|1|P-1|" in result.outgoing[0], result.outgoing
+        assert b"GLU" in result.outgoing[0], result.outgoing
+    with sessions() as session:
+        stored = session.scalars(select(Result)).all()
+    assert [(r.test_code, r.value_text) for r in stored] == [("GLU", "5.4")]
