@@ -88,8 +88,11 @@ _FIELD_LIMITS = {
 }
 _LIMITED_FIELDS = operator.attrgetter(*_FIELD_LIMITS)
 _LIMITS = tuple(_FIELD_LIMITS.values())
-# Numeric(24, 8): 16 digits before the point. Larger numbers keep their text only.
+# Numeric(24, 8): 16 digits before the point. Larger numbers keep their text only; so do
+# numbers with more than 8 decimal places, which the column would round (0.000000004 to
+# 0, 0.123456789 to 0.12345679): a number is stored as sent or not at all.
 _MAX_NUMBER = Decimal(10) ** 16
+_MIN_EXPONENT = -8
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +218,12 @@ def _number(item: ResultInput) -> Decimal | None:
     number = item.value_number
     if number is None or not number.is_finite() or abs(number) >= _MAX_NUMBER:
         return None
+    exponent = number.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < _MIN_EXPONENT:
+        # more decimal places than the column keeps, unless they are trailing zeros
+        normal = number.normalize().as_tuple().exponent
+        if isinstance(normal, int) and normal < _MIN_EXPONENT:
+            return None
     return number
 
 

@@ -353,3 +353,34 @@ def test_observed_at_with_an_offset_is_stored_in_utc(sessions: sessionmaker[Sess
     assert (glu.astimezone(UTC) if glu.tzinfo else glu.replace(tzinfo=UTC)) == datetime(
         2025, 3, 1, 4, 40, tzinfo=UTC)
     assert na.replace(tzinfo=None) == datetime(2025, 3, 1, 10, 10)
+
+
+@pytest.mark.parametrize("path", ["one at a time", "fast lane"])
+def test_a_number_the_column_would_round_keeps_its_text_only(
+        sessions: sessionmaker[Session], path: str) -> None:
+    """value_number is Numeric(24, 8). A value with more decimal places was rounded by the
+    database: 0.000000004 stored as 0, 0.123456789 as 0.12345679. Such a number is now
+    stored as text only (value_number NULL), as one too large for the column already was;
+    trailing zeros are no decimal places lost. Both write paths (the fast lane's COPY on
+    PostgreSQL, its INSERT on SQLite)."""
+    from lis_bridge import results_bulk
+
+    values = {"GLU": "0.000000004", "NA": "140.0000000000", "K": "0.123456789",
+              "CL": "0.00000001"}
+    expected = {"GLU": None, "NA": Decimal("140"), "K": None, "CL": Decimal("0.00000001")}
+    with sessions() as session:
+        make_sample(session, tests=tuple(values))
+        items = [res(code, value) for code, value in values.items()]
+        if path == "one at a time":
+            assert apply(session, items).applied == len(items)
+        else:
+            facts = results_bulk.load_samples(session, ["S1"])
+            plan = results_bulk.plan(facts.get("S1"), items)
+            assert plan is not None
+            results_bulk.write_many(session, [plan], interface="an1", now=NOW)
+        session.commit()
+    with sessions() as session:
+        stored = {code: (text, number) for code, text, number in session.execute(
+            select(Result.test_code, Result.value_text, Result.value_number)).tuples()}
+    assert {code: text for code, (text, _) in stored.items()} == values
+    assert {code: number for code, (_, number) in stored.items()} == expected
