@@ -48,6 +48,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -513,6 +514,11 @@ def main(argv: list[str] | None = None) -> int:
                 d = writer.submit(_one(item), bulk=ingest_bulk, item=item)
                 d.addCallbacks(answered, failed, callbackArgs=(request_id,),
                                errbackArgs=(request_id,))
+                # Let the writer have the interpreter between two messages: back from the
+                # server, it waited for this thread to decode the rest of a burst of
+                # arrivals (a batch's worth, ~0.2 ms each) before it could go on.
+                # HL7 PostgreSQL x8, three alternating pairs: 781-801 -> 819-828 msg/s.
+                time.sleep(0)
     finally:
         writer.stop(STOP_TIMEOUT)
         answerer.stop(STOP_TIMEOUT)
