@@ -55,6 +55,9 @@ class Separators:
     escape: str = "\\"
     subcomponent: str = "&"
     truncation: str = ""
+    # the codec the message's bytes were decoded with (MSH-18, or the interface's
+    # override): the bytes of a \Xhh..\ escape are text in that character set
+    codec: str = ""
 
     @property
     def encoding_characters(self) -> str:
@@ -74,10 +77,12 @@ def unescape(value: str, seps: Separators = DEFAULT_SEPARATORS) -> str:
     """Undo HL7 escape sequences (PROTOCOLS 81).
 
     ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` give the separators back, ``\\Xhh..\\`` the bytes they name
-    (UTF-8 if valid, else Latin-1; kept as sent when they include a NUL, which no value
-    holds and PostgreSQL refuses), ``\\.br\\`` and ``\\.sp\\`` a line break; highlighting
-    (``\\H\\``/``\\N\\``) and the other formatting commands are dropped; anything unknown (such
-    as a local ``\\Z..\\``) is kept as sent so no information is lost.
+    (text in the message's character set, ``seps.codec``; where that is not known or the
+    bytes do not fit it, UTF-8 if valid, else Latin-1; kept as sent when they include a
+    NUL, which no value holds and PostgreSQL refuses), ``\\.br\\`` and ``\\.sp\\`` a line
+    break; highlighting (``\\H\\``/``\\N\\``) and the other formatting commands are
+    dropped; anything unknown (such as a local ``\\Z..\\``) is kept as sent so no
+    information is lost.
     """
     esc = seps.escape
     if not esc or esc not in value:
@@ -123,6 +128,12 @@ def _unescape_one(code: str, seps: Separators, literal: str) -> str:
             return literal
         if 0 in data:
             return literal
+        if seps.codec:
+            # PROTOCOLS 81-82: the bytes are text in the message's character set
+            try:
+                return data.decode(seps.codec)
+            except (UnicodeDecodeError, LookupError):
+                pass  # not text in that set after all: read as below
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
@@ -452,16 +463,17 @@ def _find_msh(raw: bytes) -> int:
     return pos
 
 
-def _separators(fsep: str, msh2: str) -> Separators:
-    """The Separators of MSH-1 ``fsep`` and MSH-2 ``msh2``. Cached: nearly every message
-    uses the same few, and Separators is immutable. Only MSH-2 of the usual length is
-    kept, so a sender cannot fill memory with long ones."""
+def _separators(fsep: str, msh2: str, codec: str = "") -> Separators:
+    """The Separators of MSH-1 ``fsep`` and MSH-2 ``msh2``, for text decoded with
+    ``codec``. Cached: nearly every message uses the same few, and Separators is
+    immutable. Only MSH-2 of the usual length is kept, so a sender cannot fill memory with
+    long ones (and codecs are the few :func:`_decode` chooses from)."""
     if len(msh2) <= 5:
-        return _cached_separators(fsep, msh2)
-    return _make_separators(fsep, msh2)
+        return _cached_separators(fsep, msh2, codec)
+    return _make_separators(fsep, msh2, codec)
 
 
-def _make_separators(fsep: str, msh2: str) -> Separators:
+def _make_separators(fsep: str, msh2: str, codec: str = "") -> Separators:
     if len(msh2) < 1:
         raise HL7ParseError("MSH-2 encoding characters are missing", segment_index=0, field="MSH-2")
     chars = list(msh2[:5])
@@ -481,6 +493,7 @@ def _make_separators(fsep: str, msh2: str) -> Separators:
         escape=chars[2],
         subcomponent=chars[3],
         truncation=chars[4] if len(chars) > 4 else "",
+        codec=codec,
     )
 
 
@@ -519,7 +532,7 @@ def parse_message(
     if header_only:
         lines = lines[:1]
     msh_fields = lines[0].split(fsep)
-    seps = _separators(fsep, msh_fields[1] if len(msh_fields) > 1 else "")
+    seps = _separators(fsep, msh_fields[1] if len(msh_fields) > 1 else "", codec)
     msh_fields.insert(1, fsep)  # PROTOCOLS 80: MSH-1 is the separator itself
     segments = [Segment("MSH", msh_fields, seps, 0)]
     # Most messages have no repetition, escape or subcomponent after MSH-2: then one scan

@@ -94,7 +94,7 @@ def test_custom_separators() -> None:
     # PROTOCOLS 80: delimiters come from MSH-1/MSH-2, not fixed.
     raw = b"MSH#$*@%#A#B#C#D#2024##ORU$R01#9#P#2.4\rOBX#1#NM#X$Y##1*2#u\r"
     msg = parse_message(raw)
-    assert msg.separators == Separators("#", "$", "*", "@", "%")
+    assert msg.separators == Separators("#", "$", "*", "@", "%", codec="utf-8")
     obx = msg.segment("OBX")
     assert obx is not None
     assert obx.component(3, 2) == "Y"
@@ -337,3 +337,23 @@ def test_the_datetime_cache_keeps_no_long_values() -> None:
     assert parse_hl7_datetime(" " * 100_000 + "20250101") == datetime(2025, 1, 1)  # read, not kept
     assert _cached_hl7_datetime.cache_info().currsize == before
     assert _cached_hl7_datetime.cache_info().maxsize == 4096
+
+
+@pytest.mark.parametrize(
+    ("msh18", "escaped", "plain"),
+    [
+        # PROTOCOLS 81-82: the bytes of \Xhh..\ are text in the message's character set
+        ("8859/1", "\\XC3A9\\", "Ã©"),  # two Latin-1 characters, not UTF-8's é
+        ("UNICODE UTF-8", "\\XC3A9\\", "é"),
+        ("8859/1", "\\XE9\\", "é"),
+        ("ASCII", "\\XE9\\", "é"),  # not ASCII text: read as Latin-1, as with no MSH-18
+        ("", "\\XC3A9\\", "é"),  # no MSH-18: UTF-8
+    ],
+)
+def test_hex_escapes_are_read_in_the_message_character_set(
+        msh18: str, escaped: str, plain: str) -> None:
+    raw = (f"MSH|^~\\&|AN|LAB|LIS|LAB|20250303101500||ORU^R01|C1|P|2.5.1||||||{msh18}\r"
+           f"OBX|1|ST|NOTE||{escaped}||||||F\r").encode("latin-1")
+    msg = parse_message(raw)
+    assert msg.msh.field(18) == msh18
+    assert msg.segments[1].field(5) == plain
