@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 
-from engine.errors import StorageError
+from engine.errors import LabrelayError, StorageError
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -49,6 +49,11 @@ _QUOTED_VALUE = re.compile(r""": ["'].*""")
 
 
 BulkWork = Callable[[Session, list[Any]], list[Any]]
+
+
+class UnitRefused(LabrelayError):
+    """The database refused what one unit of work writes (an integrity or data error),
+    while storage itself works: a fault of that unit, not of the database."""
 
 
 @dataclass
@@ -226,8 +231,20 @@ class DatabaseWriter:
             session.commit()
         except SQLAlchemyError as exc:
             session.rollback()
-            self.stats.storage_errors += 1
             self.stats.last_error = type(exc).__name__
+            if isinstance(exc, DBAPIError) and not _is_storage_failure(exc):
+                # The database refused what this unit writes (a constraint, a value it
+                # cannot take): storage works, and the same unit would be refused again.
+                # A fault of the unit's content, as an exception raised in it is: the
+                # pipeline keeps the message and holds it, rather than having the
+                # analyzer resend it for ever to "the database is unavailable".
+                self.stats.failures += 1
+                log.error("db.write.refused", error=type(exc).__name__,
+                          detail=_first_line(exc))
+                self._reactor.callFromThread(unit.deferred.errback, UnitRefused(
+                    f"the database refused the write ({_first_line(exc)})"))
+                return
+            self.stats.storage_errors += 1
             log.error("db.write.failed", error=type(exc).__name__, detail=_first_line(exc))
             self._reactor.callFromThread(unit.deferred.errback, StorageError(_describe(exc)))
         except Exception as exc:  # noqa: BLE001 - handed to the caller's errback, never lost

@@ -774,15 +774,16 @@ def test_observed_at_with_an_offset_is_stored_in_utc_by_both_paths(db_url: str) 
 
 def test_a_refused_write_logs_what_went_wrong_not_the_values(db_url: str) -> None:
     """psycopg2's error text quotes the statement (``LINE 1: ...``) and the value it
-    refused; SQLAlchemy's adds the parameters. The writer's log line and the StorageError
-    text (which reaches the ACK) keep only the first line, less the quoted value."""
+    refused; SQLAlchemy's adds the parameters. The writer's log line and the error's text
+    (which reaches the held message's detail and the ACK) keep only the first line, less
+    the quoted value. A refused value is the unit's fault, not the database's
+    (UnitRefused, not StorageError: test_pipeline's held-not-refused test)."""
     import threading
 
     from sqlalchemy.exc import DataError
     from structlog.testing import capture_logs
 
-    from engine.errors import StorageError
-    from engine.writer import DatabaseWriter
+    from engine.writer import DatabaseWriter, UnitRefused
 
     secret = "7.4242477x"
 
@@ -809,8 +810,8 @@ def test_a_refused_write_logs_what_went_wrong_not_the_values(db_url: str) -> Non
     finally:
         engine.dispose()
     (error,) = failures
-    assert isinstance(error, StorageError)
-    (line,) = [entry for entry in logs if entry["event"] == "db.write.failed"]
+    assert isinstance(error, UnitRefused)
+    (line,) = [entry for entry in logs if entry["event"] == "db.write.refused"]
     assert "invalid input syntax for type numeric" in line["detail"]
     assert secret not in repr(logs) and secret not in str(error)
     assert "LINE" not in line["detail"] and "mmol" not in repr(logs)
