@@ -399,7 +399,11 @@ class GenericASTMDriver:
         name = comps[name_index].strip() if name_index < len(comps) else ""
         value_comps = rec.components(4, 0)
         comments: tuple[str, ...] = ()
-        if any(c.strip() for c in value_comps[1:]):
+        if any(r.strip() for r in rec.repeats(4)[1:]):
+            # More values than the first (R-4 repeats): the first is the result, and the
+            # whole field stays beside it, as for components, rather than the rest lost.
+            comments = ("R-4 repeats: " + rec.text(4),)
+        elif any(c.strip() for c in value_comps[1:]):
             comments = ("R-4 components: " + rec.text(4),)
         flags = tuple(
             f for f in (rec.value(7, 1, rep).strip() for rep in range(len(rec.repeats(7)))) if f

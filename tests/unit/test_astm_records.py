@@ -341,3 +341,16 @@ def test_only_the_mindray_qc_layout_is_read_as_qc(message: bytes) -> None:
     decoded = GenericASTMDriver().decode(message)
     assert decoded.kind is not MessageKind.QC
     assert not [o for s in decoded.specimens for o in s.observations]
+
+
+def test_r4_repeats_beyond_the_first_are_kept_beside_the_result() -> None:
+    """PROTOCOLS 69: R-4 is the value. A second value in a repeat of R-4 was dropped
+    without a word; the first stays the result and the whole field is kept as its
+    comment, as R-4 components already were."""
+    driver = GenericASTMDriver()
+    message = driver.decode(
+        b"H|\\^&|||an^1|||||host||P|1\rP|1\rO|1|S1||^^^GLU|R\r"
+        b"R|1|^^^GLU|5.4\\5.6|mmol/L||N||F\rR|2|^^^NA|140^x|mmol/L||N||F\rL|1|N\r")
+    glu, na = message.specimens[0].observations
+    assert (glu.value_text, glu.comments) == ("5.4", ("R-4 repeats: 5.4\\5.6",))
+    assert (na.value_text, na.comments) == ("140", ("R-4 components: 140^x",))
