@@ -35,7 +35,28 @@ def split_file(data: bytes, protocol: str) -> tuple[list[bytes], list[str]]:
     return list(capture.messages), notes
 
 
-def decode_file(path: Path, driver_name: str = "auto", validate: bool = False) -> dict[str, Any]:
+def parse_driver_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as an interface's ``driver_options``; each value is read as YAML
+    (``[OBR-2, OBR-3]`` a list, ``4`` a number), safely: plain values only."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE "
+                                     "(e.g. 'specimen_id_order=[OBR-2, OBR-3]')",
+                                     param_hint="--option")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{pair!r}: the value is not YAML ({exc})",
+                                     param_hint="--option") from exc
+    return options
+
+
+def decode_file(path: Path, driver_name: str = "auto", validate: bool = False,
+                options: dict[str, Any] | None = None) -> dict[str, Any]:
     from drivers.registry import create_driver
 
     data = path.read_bytes()
@@ -43,7 +64,7 @@ def decode_file(path: Path, driver_name: str = "auto", validate: bool = False) -
         raise LabrelayError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
     protocol = detect_protocol(data)
     messages, notes = split_file(data, protocol)
-    driver = create_driver(driver_name, protocol)
+    driver = create_driver(driver_name, protocol, options)
     decoded: list[dict[str, Any]] = []
     errors: list[str] = []
     for index, raw in enumerate(messages, start=1):
@@ -74,7 +95,12 @@ def decode_file(path: Path, driver_name: str = "auto", validate: bool = False) -
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
 @click.option("--validate", is_flag=True,
               help="HL7: also check the structure against the standard (hl7apy); slower.")
-def decode_cmd(files: tuple[Path, ...], driver_name: str, as_json: bool, validate: bool) -> None:
+@click.option("--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
+              help="A driver option, as an interface's driver_options gives it (value read "
+                   "as YAML); repeatable. Tries a setting on a capture before it goes in "
+                   "the config.")
+def decode_cmd(files: tuple[Path, ...], driver_name: str, as_json: bool, validate: bool,
+               option_pairs: tuple[str, ...]) -> None:
     """Decode captured HL7 or ASTM messages and print what the driver sees.
 
     Needs no database and no network: this is how an interface analyst inspects a
@@ -85,13 +111,15 @@ def decode_cmd(files: tuple[Path, ...], driver_name: str, as_json: bool, validat
       labrelay decode ../shared/corpus/hl7/roche_cobas_pure__1.hl7 --json
       labrelay decode capture.astm --driver astm-generic
       labrelay decode new-analyzer.hl7 --validate
+      labrelay decode mindray-cl.hl7 --option 'specimen_id_order=[OBR-2, OBR-3]'
     """
+    options = parse_driver_options(option_pairs)
     all_messages: list[dict[str, Any]] = []
     all_errors: list[str] = []
     all_notes: list[str] = []
     for path in files:
         try:
-            result = decode_file(path, driver_name, validate)
+            result = decode_file(path, driver_name, validate, options)
         except LabrelayError as exc:
             all_errors.append(f"{path}: {exc}")
             continue
