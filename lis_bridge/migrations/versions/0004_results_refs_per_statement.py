@@ -45,56 +45,65 @@ REPLACED = {
 # one made while a table was small scanned all of it at every statement from then on
 # (seen: ``samples`` read whole twice per batch); these lookups are by primary key or
 # indexed column, always.
-_CHECK_NEW = """
+
+
+def _fail_if(condition: str, message: str, detail: str) -> str:
+    """PL/pgSQL: raise foreign_key_violation (SQLSTATE 23503) when ``condition`` holds."""
+    return f"""
+    IF {condition} THEN
+        RAISE EXCEPTION '{message}' USING ERRCODE = 'foreign_key_violation',
+                                          DETAIL = '{detail}';
+    END IF;"""
+
+
+def _constraint(column: str, table: str) -> str:
+    return next(name for name, ref in REPLACED.items() if ref == (column, table))
+
+
+def _check_named(column: str, table: str, what: str) -> str:
+    """PL/pgSQL: the distinct ids of ``column`` in the statement's rows, locked in
+    ``table`` as a foreign key check locks them, in id order (no deadlock between two
+    writers); one missing fails the statement as the constraint did."""
+    return f"""
+    SELECT array_agg(DISTINCT n.{column}) INTO wanted FROM new_results n
+        WHERE n.{column} IS NOT NULL;
+    SELECT count(*) INTO found FROM (SELECT t.id FROM {table} t WHERE t.id = ANY (wanted)
+                                     ORDER BY t.id FOR KEY SHARE OF t) AS locked;""" + _fail_if(
+        "found < coalesce(cardinality(wanted), 0)",
+        'insert or update on table "results" violates foreign key constraint '
+        f'"{_constraint(column, table)}"',
+        f"a result names {what} that does not exist")
+
+
+def _still_named(column: str, table: str, what: str) -> str:
+    """PL/pgSQL: fail the DELETE on ``table`` when a result still names one of the rows
+    deleted (the table tested first, on its own: SQL does not promise to stop at AND)."""
+    return f"""
+    IF TG_TABLE_NAME = '{table}' THEN""" + _fail_if(
+        f"EXISTS (SELECT 1 FROM results r "
+        f"WHERE r.{column} = ANY (ARRAY(SELECT o.id FROM old_rows o)))",
+        f'update or delete on table "{table}" violates foreign key constraint '
+        f'"{_constraint(column, table)}" on table "results"',
+        f"results name this {what}") + """
+    END IF;"""
+
+
+_CHECK_NEW = f"""
 CREATE OR REPLACE FUNCTION labrelay_results_refs() RETURNS trigger AS $$
 DECLARE
     wanted bigint[];
     found integer;
-BEGIN
-    -- The rows named are locked as a foreign key check locks them, in id order (no
-    -- deadlock between two writers); one missing fails the statement.
-    SELECT array_agg(DISTINCT n.sample_fk) INTO wanted FROM new_results n;
-    SELECT count(*) INTO found FROM (SELECT s.id FROM samples s WHERE s.id = ANY (wanted)
-                                     ORDER BY s.id FOR KEY SHARE OF s) AS locked;
-    IF found < coalesce(cardinality(wanted), 0) THEN
-        RAISE EXCEPTION 'insert or update on table "results" violates foreign key '
-            'constraint "fk_results_sample_fk_samples"'
-            USING ERRCODE = 'foreign_key_violation',
-                  DETAIL = 'a result names a sample that does not exist';
-    END IF;
-    SELECT array_agg(DISTINCT n.message_fk) INTO wanted FROM new_results n
-        WHERE n.message_fk IS NOT NULL;
-    SELECT count(*) INTO found FROM (SELECT r.id FROM raw_messages r WHERE r.id = ANY (wanted)
-                                     ORDER BY r.id FOR KEY SHARE OF r) AS locked;
-    IF found < coalesce(cardinality(wanted), 0) THEN
-        RAISE EXCEPTION 'insert or update on table "results" violates foreign key '
-            'constraint "fk_results_message_fk_raw_messages"'
-            USING ERRCODE = 'foreign_key_violation',
-                  DETAIL = 'a result names a raw message that does not exist';
-    END IF;
+BEGIN{_check_named("sample_fk", "samples", "a sample")}{
+    _check_named("message_fk", "raw_messages", "a raw message")}
     RETURN NULL;
 END;
 $$ LANGUAGE plpgsql SET enable_seqscan = off
 """
 
-_CHECK_OLD = """
+_CHECK_OLD = f"""
 CREATE OR REPLACE FUNCTION labrelay_results_referenced() RETURNS trigger AS $$
-BEGIN
-    IF TG_TABLE_NAME = 'samples' THEN
-        IF EXISTS (SELECT 1 FROM results r
-                   WHERE r.sample_fk = ANY (ARRAY(SELECT o.id FROM old_rows o))) THEN
-            RAISE EXCEPTION 'update or delete on table "samples" violates foreign key '
-                'constraint "fk_results_sample_fk_samples" on table "results"'
-                USING ERRCODE = 'foreign_key_violation',
-                      DETAIL = 'results name this sample';
-        END IF;
-    ELSIF EXISTS (SELECT 1 FROM results r
-                  WHERE r.message_fk = ANY (ARRAY(SELECT o.id FROM old_rows o))) THEN
-        RAISE EXCEPTION 'update or delete on table "raw_messages" violates foreign key '
-            'constraint "fk_results_message_fk_raw_messages" on table "results"'
-            USING ERRCODE = 'foreign_key_violation',
-                  DETAIL = 'results name this raw message';
-    END IF;
+BEGIN{_still_named("sample_fk", "samples", "sample")}{
+    _still_named("message_fk", "raw_messages", "raw message")}
     RETURN NULL;
 END;
 $$ LANGUAGE plpgsql SET enable_seqscan = off
