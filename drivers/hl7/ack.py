@@ -7,6 +7,7 @@ always gives the same bytes.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -252,6 +253,20 @@ def build_ack(
     return ("\r".join(segments) + "\r").encode(codec, errors="replace")
 
 
+_MESSAGE_CODE = re.compile(r"[A-Z][A-Z0-9]{2}")
+_MAX_CONTROL_ID = 199  # MSH-10 is ST(199) in HL7 2.5
+
+
+def _echoable(msh9: str, msh10: str, seps: Separators) -> bool:
+    """Whether a broken message's MSH-10 can be echoed in MSA-2 as it is: the field
+    before it is a message type (so nothing before it is shifted), and it is a plain value
+    (printable, no delimiter: written back byte for byte, nothing to escape)."""
+    return (bool(_MESSAGE_CODE.fullmatch(msh9.split(seps.component)[0]))
+            and 0 < len(msh10) <= _MAX_CONTROL_ID and msh10.isprintable()
+            and not any(c in msh10 for c in (seps.component, seps.repetition, seps.escape,
+                                              seps.subcomponent, seps.field)))
+
+
 def build_reject_ack(
     raw: bytes,
     control_id: str,
@@ -263,7 +278,11 @@ def build_reject_ack(
     """Best-effort ``AR`` for a message too broken to parse (PROTOCOLS 83, 89).
 
     The reader of the MSH is lenient here: separators and MSH-3..6/11/12 are taken where they
-    can be found; MSA-2 is left empty because the control id cannot be trusted. Returns None
+    can be found. MSA-2 echoes MSH-10 (PROTOCOLS 85: how the sender matches the answer to
+    its message; one it cannot match it resends, PROTOCOLS 91) when the MSH is whole up to
+    there: MSH-9 holds a message type where it should, and MSH-10 is a plain value. A
+    sender whose MSH lost a field (MSH-7 missing, corpus hmis_lis_rsp_to_ba400__1) has its
+    control id one field early, and then MSA-2 is left empty. Returns None
     when there is no MSH at all, or when the broken message is itself an ACK (never answer
     an ACK): the adapter then sends nothing and logs.
     """
@@ -302,6 +321,7 @@ def build_reject_ack(
         return parts[n] if n < len(parts) else ""
 
     version = part(12) if part(12)[:2] == "2." else "2.5"
+    echoed = part(10) if _echoable(part(9), part(10), seps) else ""
     trigger = part(9).split(seps.component)[1] if seps.component in part(9) else ""
     segments = [
         fsep.join(
@@ -320,7 +340,7 @@ def build_reject_ack(
                 escape(version, seps),
             ]
         ),
-        fsep.join(["MSA", "AR", "", escape(text, seps)]),
+        fsep.join(["MSA", "AR", echoed, escape(text, seps)]),
         _err_segment(AckError(code=error_code, message=text), seps),
     ]
     return ("\r".join(segments) + "\r").encode("latin-1", errors="replace")

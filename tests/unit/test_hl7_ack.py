@@ -214,6 +214,31 @@ def test_reject_ack_for_shifted_msh() -> None:
     assert parse_message(ack).segment("MSA") is not None
 
 
+@pytest.mark.parametrize(
+    ("raw", "echoed"),
+    [
+        # the MSH is whole: its MSH-10 is echoed, whatever broke further on
+        (b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303||ORU^R01|C-17|P|2.5x\rOBR|1|S1\r", "C-17"),
+        (b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303||ORU^R01|C-18|P|2.5.1\rOBx|1|NM\r", "C-18"),
+        (b"MSH#^~\\&#AN#LAB#LIS#LAB#20250303##ORU^R01#C-19#P#2.5.1\r", "C-19"),
+        # MSH-9 is no message type: the fields may be shifted, MSH-10 is not trusted
+        (b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303||XX|C-20|P|2.5.1\r", ""),
+        # a control id that would need escaping, or is no plain text, is not echoed
+        (b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303||ORU^R01|C^21|P|2.5.1\r", ""),
+        (b"MSH|^~\\&|AN|LAB|LIS|LAB|20250303||ORU^R01||P|2.5.1\r", ""),
+    ],
+)
+def test_reject_ack_echoes_a_control_id_it_can_trust(raw: bytes, echoed: str) -> None:
+    """PROTOCOLS 85: MSA-2 is how the sender matches an answer to its message; an AR it
+    cannot match is resent (PROTOCOLS 91). The reject ACK left MSA-2 empty even when the
+    message's MSH was whole and only a later segment or field was broken."""
+    ack = build_reject_ack(raw, "ACK9", TS, text="could not be read")
+    assert ack is not None
+    fsep = chr(raw[3])
+    msa = ack.decode("latin-1").split("\r")[1].split(fsep)
+    assert msa[:3] == ["MSA", "AR", echoed], msa
+
+
 def test_reject_ack_without_msh_is_none() -> None:
     assert build_reject_ack(b"H|\\^&|||x\rL|1\r", "A", TS, text="not HL7") is None
     assert build_reject_ack(b"", "A", TS, text="empty") is None
