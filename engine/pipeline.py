@@ -89,7 +89,7 @@ class IngestResult:
 
     message_id: int
     status: str
-    outcome: str  # accepted | held | rejected | duplicate | ack
+    outcome: str  # accepted | held | rejected | duplicate | ack | unsupported
     hold_reason: str = ""
     hold_detail: str = ""
     kind: str = ""
@@ -357,6 +357,18 @@ def _apply_content(
 ) -> IngestResult:
     result = IngestResult(row.id, row.status, "accepted", kind=message.kind,
                           control_id=message.control_id, specimen_ids=message.specimen_ids)
+    if message.kind == MessageKind.QUERY and rt.config.protocol == "hl7":
+        # HL7 work-order queries (LAB-27 QBP^Q11, QRY^Q02, vendor QBPs) are not answered
+        # with work orders yet (PROTOCOLS 95-97). A plain AA told the analyzer its query
+        # was taken, and it waited for a worklist that never came. Stored, IGNORED, logged,
+        # and refused (AR, so that the analyzer stops asking, PROTOCOLS 91).
+        row.status = MessageStatus.IGNORED
+        result.status, result.outcome = row.status, "unsupported"
+        log.warning("hl7.query.unsupported", interface=rt.name, message_id=row.id,
+                    message_type=message.message_type, control_id=message.control_id,
+                    action="program the tests on the analyzer; labrelay does not answer "
+                           "HL7 work-order queries")
+        return result
     if message.kind == MessageKind.QUERY:
         result.outgoing = answer_query(session, rt, message)
         row.status = MessageStatus.ANSWERED
@@ -859,6 +871,12 @@ class HL7Handler:
         elif result.outcome == "rejected":
             text = f"message could not be decoded; kept as message #{result.message_id}"
             errors.append(AckError(code=207, message=result.hold_detail[:400]))
+        elif result.outcome == "unsupported":
+            # HL7 table 0357: 200 unsupported message type
+            text = (f"work-order queries are not answered by this LIS interface; kept as "
+                    f"message #{result.message_id}")
+            errors.append(AckError(code=200, message="labrelay does not answer HL7 work-order "
+                                   "queries: program the tests on the analyzer"))
         codes = ack_plan(msh15, msh16, outcome)
         if not codes:
             return None
@@ -910,12 +928,16 @@ def ack_outcome(result: IngestResult, held_ack: str) -> Any:
             return Outcome.ACCEPTED if held_ack == "AA" else Outcome.APPLICATION_ERROR
         if result.original_status == MessageStatus.REJECTED:
             return Outcome.REJECTED
-        return {"AE": Outcome.APPLICATION_ERROR, "AR": Outcome.REJECTED}.get(
+        # An original stored and answered AR was refused as unsupported (an HL7
+        # work-order query): its resend is refused alike.
+        return {"AE": Outcome.APPLICATION_ERROR, "AR": Outcome.APPLICATION_REJECTED}.get(
             result.original_ack_code, Outcome.ACCEPTED)
     if result.outcome == "held":
         return Outcome.ACCEPTED if held_ack == "AA" else Outcome.APPLICATION_ERROR
     if result.outcome == "rejected":
         return Outcome.REJECTED
+    if result.outcome == "unsupported":
+        return Outcome.APPLICATION_REJECTED
     return Outcome.ACCEPTED
 
 

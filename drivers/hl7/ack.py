@@ -64,6 +64,9 @@ class Outcome(enum.StrEnum):
 
     ACCEPTED = "accepted"  # stored and applied
     APPLICATION_ERROR = "application_error"  # stored, but held (unknown sample, unmapped code)
+    # stored, but not something this receiver does (an HL7 work-order query): the sender
+    # must not send it again
+    APPLICATION_REJECTED = "application_rejected"
     REJECTED = "rejected"  # not stored: storage down, or unreadable
 
 
@@ -119,7 +122,8 @@ def ack_plan(msh15: str, msh16: str, outcome: Outcome) -> list[str]:
 
     Original mode (PROTOCOLS 84, 87): one application ACK, ``AA`` / ``AE`` / ``AR``.
     Enhanced mode: an accept ACK (``CA``, or ``CR`` when the message was not stored) when
-    MSH-15 asks for it, then an application ACK (``AA`` / ``AE``) when MSH-16 asks for it. A
+    MSH-15 asks for it, then an application ACK (``AA`` / ``AE``, ``AR`` for a message
+    stored but refused as not supported) when MSH-16 asks for it. A
     message that was not stored gets no application ACK (it was never processed), except
     when MSH-15 suppresses the commit reject: then ``AR`` is sent if MSH-16 allows it, so the
     sender is told to resend (DESIGN rule 2).
@@ -130,6 +134,7 @@ def ack_plan(msh15: str, msh16: str, outcome: Outcome) -> list[str]:
             {
                 Outcome.ACCEPTED: "AA",
                 Outcome.APPLICATION_ERROR: "AE",
+                Outcome.APPLICATION_REJECTED: "AR",
                 Outcome.REJECTED: "AR",
             }[outcome]
         ]
@@ -144,9 +149,10 @@ def ack_plan(msh15: str, msh16: str, outcome: Outcome) -> list[str]:
         return codes
     if _wanted(accept_condition, error=False):
         codes.append("CA")
-    app_error = outcome is Outcome.APPLICATION_ERROR
+    app_error = outcome in (Outcome.APPLICATION_ERROR, Outcome.APPLICATION_REJECTED)
     if _wanted(app_condition, error=app_error):
-        codes.append("AE" if app_error else "AA")
+        codes.append({Outcome.APPLICATION_ERROR: "AE",
+                      Outcome.APPLICATION_REJECTED: "AR"}.get(outcome, "AA"))
     return codes
 
 

@@ -608,3 +608,36 @@ def test_content_the_database_refuses_is_held_not_refused_again_and_again(
         (MessageStatus.HELD, "INTERNAL_ERROR"), (MessageStatus.APPLIED, "")], rows
     assert b"|refused-1|" in rows[0][2]  # the bytes kept as sent
     assert len(alerts) == 1, alerts  # an engine alert for the held message
+
+
+def test_an_hl7_work_order_query_is_refused_not_acknowledged_as_taken(
+        db_url: str, sessions, corpus: Path) -> None:  # type: ignore[no-untyped-def]
+    """PROTOCOLS 95-97: an analyzer's HL7 work-order query (LAB-27 QBP^Q11, a vendor
+    QBP, the older QRY^Q02) expects a worklist, which labrelay does not send over HL7.
+    It got a plain AA, so the analyzer waited for work that never came. It is stored,
+    IGNORED and logged, and answered AR with error 200 and what to do (PROTOCOLS 91: a
+    sender stops on AR); its resend gets the same answer. Corpus files read in place."""
+    from structlog.testing import capture_logs
+
+    from drivers.hl7.parser import split_messages
+
+    queries = [split_messages((corpus / "hl7" / name).read_bytes())[0] for name in (
+        "biosystems_ba400__2.hl7", "roche_cobas_pro__1.hl7", "cepheid_genexpert__2.hl7",
+        "mindray_bs_compatible__1.hl7")]
+    with capture_logs() as logs:
+        replies = _answers(db_url, runtime(), [*queries, queries[0]])
+    for raw, reply in zip([*queries, queries[0]], replies, strict=True):
+        control_id = raw.split(b"\r")[0].split(b"|")[9]
+        # BA400 asks for enhanced mode (MSH-15 ER, MSH-16 AL): stored, so no commit
+        # error; its application ACK is the AR
+        assert isinstance(reply, bytes), reply
+        assert b"MSA|AR|" + control_id + b"|" in reply, reply
+    for reply in replies[:4]:
+        assert isinstance(reply, bytes)
+        assert b"ERR|||200^Unsupported message type^HL70357|E" in reply, reply
+        assert b"program the tests on the analyzer" in reply
+    assert len([e for e in logs if e["event"] == "hl7.query.unsupported"]) == 4
+    with sessions() as session:
+        stored = [r.status for r in session.scalars(
+            select(RawMessage).where(RawMessage.direction == "in").order_by(RawMessage.id))]
+    assert stored == [MessageStatus.IGNORED] * 4 + [MessageStatus.DUPLICATE]

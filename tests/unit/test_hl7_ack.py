@@ -155,6 +155,12 @@ def test_ack_mode(msh15: str, msh16: str, mode: AckMode) -> None:
         # both always
         ("AL", "AL", Outcome.ACCEPTED, ["CA", "AA"]),
         ("AL", "AL", Outcome.APPLICATION_ERROR, ["CA", "AE"]),
+        # stored but refused as unsupported (an HL7 work-order query): the commit went
+        # well, the application says AR so that the sender stops (PROTOCOLS 91)
+        ("", "", Outcome.APPLICATION_REJECTED, ["AR"]),
+        ("ER", "AL", Outcome.APPLICATION_REJECTED, ["AR"]),
+        ("AL", "AL", Outcome.APPLICATION_REJECTED, ["CA", "AR"]),
+        ("AL", "NE", Outcome.APPLICATION_REJECTED, ["CA"]),
         # SU / ER on the application side
         ("NE", "SU", Outcome.ACCEPTED, ["AA"]),
         ("NE", "SU", Outcome.APPLICATION_ERROR, []),
