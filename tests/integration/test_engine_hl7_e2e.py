@@ -301,3 +301,37 @@ def test_a_second_stop_signal_is_not_an_error(sqlite_url: str, tmp_path: Path) -
     engine.wait_for("engine.stopped")
     assert len(engine.events("engine.stop.requested")) == 1
     assert not [line for line in engine.raw_lines if '"critical"' in line]
+
+
+def test_content_the_database_refuses_is_held_through_the_ingest_process(
+        db_url: str, tmp_path: Path) -> None:
+    """The ingest process's side of test_pipeline's held-not-refused test: a write the
+    database refuses (a trigger of this test's own refuses every result row) reaches the
+    engine as the message's fault, not a storage failure. The bytes are kept, HELD with
+    INTERNAL_ERROR, and the analyzer gets AE, not "database unavailable, resend"."""
+    from sqlalchemy import text
+
+    import_orders(db_url, "DEMO0001")
+    engine_db = make_engine(db_url)
+    with engine_db.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(
+                "CREATE FUNCTION t_refuse_all() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused' USING ERRCODE = 'check_violation'; END $$ "
+                "LANGUAGE plpgsql"))
+            conn.execute(text("CREATE TRIGGER t_refuse_all BEFORE INSERT ON results "
+                              "FOR EACH ROW EXECUTE FUNCTION t_refuse_all()"))
+        else:
+            conn.execute(text("CREATE TRIGGER t_refuse_all BEFORE INSERT ON results "
+                              "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    engine_db.dispose()
+    port = free_port()
+    with running_engine(write_config(tmp_path, port), db_url, tmp_path) as engine:
+        output = mllp_send(port, REPO / "fixtures" / "oru_DEMO0001.hl7")
+        assert "MSA|AE|DEMO-0001" in output, output
+        assert "unavailable" not in output
+        assert engine.stop() == 0
+    sessions = session_factory(make_engine(db_url))
+    with sessions() as session:
+        rows = [(r.status, r.hold_reason) for r in session.scalars(select(RawMessage))]
+    assert rows == [(MessageStatus.HELD, "INTERNAL_ERROR")]
