@@ -341,8 +341,15 @@ class GenericASTMDriver:
         if isinstance(self.specimen_id_component, int):
             idx = self.specimen_id_component
             return comps[idx - 1].strip() if 0 < idx <= len(comps) else ""
-        if roche_o3 and len(comps) >= 2 and comps[1].strip():
-            return comps[1].strip()
+        if roche_o3 and len(comps) >= 2:
+            # Roche O-3 is the sample id alone (corpus roche_cobas_c311__3), or sequence
+            # number ^ sample id ^ rack ^ position ... (roche_cobas_c311__1). In that second
+            # form with the sample id empty, the sequence number is no specimen id: read as
+            # one it could name another patient's sample. The next field is tried instead.
+            if comps[1].strip():
+                return comps[1].strip()
+            if any(c.strip() for c in comps[2:]):
+                return ""
         for comp in comps:
             if comp.strip():
                 return comp.strip()

@@ -354,3 +354,24 @@ def test_r4_repeats_beyond_the_first_are_kept_beside_the_result() -> None:
     glu, na = message.specimens[0].observations
     assert (glu.value_text, glu.comments) == ("5.4", ("R-4 repeats: 5.4\\5.6",))
     assert (na.value_text, na.comments) == ("140", ("R-4 components: 140^x",))
+
+
+def test_a_roche_o3_without_its_sample_id_is_not_read_as_one() -> None:
+    """Roche O-3 is sequence number ^ sample id (corpus roche_cobas_c311__1). With the
+    sample id empty, the sequence number was taken as the specimen id: a sample with that
+    number would have received another tube's results. The next field (O-4) is read
+    instead, and with none the message says it has no specimen id."""
+    head = b"H|\\^&|||c311^1|||||host|RSUPL^REAL|P|1\r"
+    driver = GenericASTMDriver()
+    with_id = driver.decode(head + b"O|1|11625^S-77^1^^004|R1|^^^685/\rL|1|N\r")
+    assert with_id.specimens[0].specimen_id == "S-77"
+    without = driver.decode(head + b"O|1|11625^^1^^004|R1|^^^685/\rL|1|N\r")
+    assert without.specimens[0].specimen_id == "R1"
+    nothing = driver.decode(head + b"O|1|11625^^1^^004||^^^685/\rL|1|N\r")
+    assert nothing.specimens[0].specimen_id == ""
+    assert any("no specimen id" in w for w in nothing.warnings)
+    # the other Roche form, the sample id alone (roche_cobas_c311__3), with or without
+    # empty components after it, is read as before
+    for o3 in (b"123456", b"123456^^", b"PCCC2   "):
+        alone = driver.decode(head + b"O|1|" + o3 + b"|R1|^^^685/\rL|1|N\r")
+        assert alone.specimens[0].specimen_id == o3.split(b"^")[0].strip().decode()
