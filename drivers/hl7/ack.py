@@ -7,13 +7,13 @@ always gives the same bytes.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from drivers.hl7.parser import (
     DEFAULT_SEPARATORS,
+    MESSAGE_CODE,
     HL7Message,
     HL7ParseError,
     Segment,
@@ -117,6 +117,11 @@ def _wanted(condition: str, error: bool) -> bool:
     return not error  # SU
 
 
+# The application ACK's code for each outcome of a stored message.
+_APPLICATION_CODE = {Outcome.ACCEPTED: "AA", Outcome.APPLICATION_ERROR: "AE",
+                     Outcome.APPLICATION_REJECTED: "AR"}
+
+
 def ack_plan(msh15: str, msh16: str, outcome: Outcome) -> list[str]:
     """The MSA-1 codes to send, in order, for a message with this MSH-15/16 and ``outcome``.
 
@@ -130,14 +135,7 @@ def ack_plan(msh15: str, msh16: str, outcome: Outcome) -> list[str]:
     """
     outcome = Outcome(outcome)
     if ack_mode(msh15, msh16) is AckMode.ORIGINAL:
-        return [
-            {
-                Outcome.ACCEPTED: "AA",
-                Outcome.APPLICATION_ERROR: "AE",
-                Outcome.APPLICATION_REJECTED: "AR",
-                Outcome.REJECTED: "AR",
-            }[outcome]
-        ]
+        return ["AR" if outcome is Outcome.REJECTED else _APPLICATION_CODE[outcome]]
     accept_condition = _table_0155(msh15)
     app_condition = _table_0155(msh16)
     codes: list[str] = []
@@ -149,10 +147,8 @@ def ack_plan(msh15: str, msh16: str, outcome: Outcome) -> list[str]:
         return codes
     if _wanted(accept_condition, error=False):
         codes.append("CA")
-    app_error = outcome in (Outcome.APPLICATION_ERROR, Outcome.APPLICATION_REJECTED)
-    if _wanted(app_condition, error=app_error):
-        codes.append({Outcome.APPLICATION_ERROR: "AE",
-                      Outcome.APPLICATION_REJECTED: "AR"}.get(outcome, "AA"))
+    if _wanted(app_condition, error=outcome is not Outcome.ACCEPTED):
+        codes.append(_APPLICATION_CODE[outcome])
     return codes
 
 
@@ -259,7 +255,6 @@ def build_ack(
     return ("\r".join(segments) + "\r").encode(codec, errors="replace")
 
 
-_MESSAGE_CODE = re.compile(r"[A-Z][A-Z0-9]{2}")
 _MAX_CONTROL_ID = 199  # MSH-10 is ST(199) in HL7 2.5
 
 
@@ -267,7 +262,7 @@ def _echoable(msh9: str, msh10: str, seps: Separators) -> bool:
     """Whether a broken message's MSH-10 can be echoed in MSA-2 as it is: the field
     before it is a message type (so nothing before it is shifted), and it is a plain value
     (printable, no delimiter: written back byte for byte, nothing to escape)."""
-    return (bool(_MESSAGE_CODE.fullmatch(msh9.split(seps.component)[0]))
+    return (bool(MESSAGE_CODE.match(msh9.split(seps.component)[0]))
             and 0 < len(msh10) <= _MAX_CONTROL_ID and msh10.isprintable()
             and not any(c in msh10 for c in (seps.component, seps.repetition, seps.escape,
                                               seps.subcomponent, seps.field)))

@@ -16,6 +16,7 @@ from functools import lru_cache
 from engine.errors import RemoteProtocolError
 
 __all__ = [
+    "MESSAGE_CODE",
     "HL7Message",
     "HL7ParseError",
     "Segment",
@@ -395,7 +396,8 @@ def charset_codec(msh18: str) -> str | None:
 
 
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
-_MESSAGE_TYPE = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+# a message code or trigger event: MSH-9 components 1 and 2 (ORU, R01)
+MESSAGE_CODE = re.compile(r"^[A-Z][A-Z0-9]{2}$")
 _VERSION = re.compile(r"^\d\.\d+(?:\.\d+)?$")
 
 
@@ -589,10 +591,10 @@ def parse_message(
 def _check_header(message: HL7Message) -> None:
     msh = message.msh
     msg_type = msh.component(9, 1)
-    if not _MESSAGE_TYPE.match(msg_type):
+    if not MESSAGE_CODE.match(msg_type):
         hint = ""
         for n in (7, 8, 10, 11):
-            if _MESSAGE_TYPE.match(msh.component(n, 1)) and msh.component(n, 2):
+            if MESSAGE_CODE.match(msh.component(n, 1)) and msh.component(n, 2):
                 hint = (
                     f"; MSH-{n} holds {msh.raw(n)!r}, so a field is "
                     f"{'missing' if n < 9 else 'extra'} before it (the sender's MSH is "
