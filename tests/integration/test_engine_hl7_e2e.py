@@ -309,21 +309,12 @@ def test_content_the_database_refuses_is_held_through_the_ingest_process(
     database refuses (a trigger of this test's own refuses every result row) reaches the
     engine as the message's fault, not a storage failure. The bytes are kept, HELD with
     INTERNAL_ERROR, and the analyzer gets AE, not "database unavailable, resend"."""
-    from sqlalchemy import text
+    from tests.integration.refusals import refuse_results
 
     import_orders(db_url, "DEMO0001")
     engine_db = make_engine(db_url)
     with engine_db.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text(
-                "CREATE FUNCTION t_refuse_all() RETURNS trigger AS $$ BEGIN "
-                "RAISE EXCEPTION 'refused' USING ERRCODE = 'check_violation'; END $$ "
-                "LANGUAGE plpgsql"))
-            conn.execute(text("CREATE TRIGGER t_refuse_all BEFORE INSERT ON results "
-                              "FOR EACH ROW EXECUTE FUNCTION t_refuse_all()"))
-        else:
-            conn.execute(text("CREATE TRIGGER t_refuse_all BEFORE INSERT ON results "
-                              "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        refuse_results(conn)
     engine_db.dispose()
     port = free_port()
     with running_engine(write_config(tmp_path, port), db_url, tmp_path) as engine:

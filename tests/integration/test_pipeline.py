@@ -567,32 +567,20 @@ def test_an_astm_message_with_results_and_a_host_query_has_both_handled(sessions
 def test_content_the_database_refuses_is_held_not_refused_again_and_again(
         db_url: str, sessions) -> None:  # type: ignore[no-untyped-def]
     """DESIGN: content that cannot be applied is stored and HELD. When the database itself
-    refuses what a message would write (here a CHECK constraint this test adds, standing
-    for any such rule), the message got a storage error (AR) and nothing was kept, so the
+    refuses what a message would write (here a trigger this test adds, standing for any
+    such rule), the message got a storage error (AR) and nothing was kept, so the
     analyzer resent it for ever. Only a failure of storage itself (the database down, the
     connection lost) gets that answer now; a refusal of the content keeps the bytes, holds
     them with INTERNAL_ERROR and an alert, and answers AE."""
-    from sqlalchemy import text
-
     from lis_bridge.lifecycle import transition
     from lis_bridge.models import Sample
+    from tests.integration.refusals import refuse_results
 
     with sessions() as session:
         order_and_receive_p2(session)
         p1 = session.scalars(select(Sample).where(Sample.specimen_id == "P-1")).one()
         transition(session, p1, "RECEIVED_AT_LAB", actor="t", location="Lab")
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(text(
-                "CREATE FUNCTION t_refuse_666() RETURNS trigger AS $$ BEGIN "
-                "RAISE EXCEPTION 'refused' USING ERRCODE = 'check_violation'; END $$ "
-                "LANGUAGE plpgsql"))
-            session.execute(text(
-                "CREATE TRIGGER t_refuse_666 BEFORE INSERT ON results FOR EACH ROW "
-                "WHEN (NEW.value_text LIKE '666%') EXECUTE FUNCTION t_refuse_666()"))
-        else:
-            session.execute(text(
-                "CREATE TRIGGER t_refuse_666 BEFORE INSERT ON results "
-                "WHEN NEW.value_text LIKE '666%' BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        refuse_results(session.connection(), "NEW.value_text LIKE '666%'")
         session.commit()
     refused, fine = _answers(db_url, runtime(), [
         oru("refused-1", "P-2", value="666"), oru("fine-1", "P-1", value="5.4")])
