@@ -483,7 +483,8 @@ def test_the_postgresql_read_looks_up_indexes_in_its_generic_plan(
             assert set(facts.samples) == {"P-1", "F-9"} and len(facts.new_ids) == 2
             # planned once, not at every batch (planning cost more than running it)
             cursor.execute("SELECT name, generic_plans, custom_plans "
-                           "FROM pg_prepared_statements ORDER BY name")
+                           "FROM pg_prepared_statements WHERE name IN (%s, %s) ORDER BY name",
+                           (bulk_pg.LOCK, bulk_pg.READ))
             assert cursor.fetchall() == [(bulk_pg.LOCK, 7, 0), (bulk_pg.READ, 7, 0)]
             cursor.execute("SET plan_cache_mode = force_generic_plan")
             read = next(part for part in bulk_pg._EXECUTE.split(";\n")
@@ -502,6 +503,36 @@ def test_the_postgresql_read_looks_up_indexes_in_its_generic_plan(
                   "ix_message_specimens_specimen", "uq_samples_specimen_id",
                   "ix_ordered_tests_sample_fk", "ix_results_sample_test"):
         assert index in plan, (index, plan)
+
+
+@pytest.mark.postgres
+def test_the_postgresql_prepared_inserts_refuse_a_value_too_long(
+        postgres_copies: PostgresCopies) -> None:
+    """The fast lane's prepared inserts take strings as text[] and leave the column's
+    varchar(n) to the assignment, which refuses a value too long as INSERT ... VALUES did;
+    a cast to varchar(n) on the way would have cut it short without a word."""
+    import psycopg2
+    import psycopg2.errors
+
+    from lis_bridge import bulk_pg
+
+    with postgres_copies() as (_, url):
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        connection = psycopg2.connect(dsn)
+        try:
+            cursor = connection.cursor()
+            bulk_pg.read_stretch(cursor, {}, digests=[], senders={},
+                                 since=datetime(2026, 1, 1, tzinfo=UTC), waiting=[],
+                                 samples=[], new_ids=0)  # prepares the statements
+            link = bulk_pg._LINK.execute(cursor, [{"message_fk": 1, "specimen_id": "S" * 65}])
+            with pytest.raises(psycopg2.errors.StringDataRightTruncation):
+                cursor.execute(link)
+            connection.rollback()
+            with pytest.raises(ValueError, match="columns"):
+                bulk_pg._LINK.execute(cursor, [{"message_fk": 1}])
+        finally:
+            connection.rollback()
+            connection.close()
 
 
 @pytest.mark.postgres
