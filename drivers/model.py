@@ -11,10 +11,24 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from typing import TypeVar, dataclass_transform
 
 # Processing ids of messages that are not production (ASTM H-12, HL7 MSH-11): training and
 # debugging. Their results are never applied to patients' samples (kind OTHER, stored).
 NOT_PRODUCTION = {"T": "training", "D": "debugging"}
+
+
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True)
+def _value(cls: type[_T]) -> type[_T]:
+    """A frozen dataclass to the type checker, which refuses any assignment to a field;
+    at run time a plain slots dataclass (hashable as a frozen one is), because building a
+    frozen one sets each field through ``object.__setattr__``: 1.5 µs for an Observation
+    against 0.2, and a 25-result message builds fifty of these (its observations, then
+    their results) on the way of every message."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
 
 
 class MessageKind(enum.StrEnum):
@@ -28,7 +42,7 @@ class MessageKind(enum.StrEnum):
     OTHER = "other"
 
 
-@dataclass(frozen=True, slots=True)
+@_value
 class Observation:
     """One result as the analyzer reported it."""
 

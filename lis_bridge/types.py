@@ -5,9 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import TypeVar, dataclass_transform
+
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass_transform(frozen_default=True)
+def _value(cls: type[_T]) -> type[_T]:
+    """Frozen to the type checker (no assignment to a field type-checks); at run time a
+    plain slots dataclass, hashable as a frozen one: a frozen one costs 1.5 µs to build
+    against 0.2, and every result of every message is built as one."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
+
+
+@_value
 class ResultInput:
     """One result in LIS vocabulary, ready to be written for a sample.
 
