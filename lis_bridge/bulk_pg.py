@@ -18,11 +18,12 @@ commit. Here they are folded into two:
   prepared statement taking its rows as one array per column, then the result rows by
   ``COPY``.
 
-Values reach the server through psycopg2's own quoting (parameters and
-``cursor.mogrify``), never by string formatting. The other databases take the statements
-of :mod:`engine.ingest_bulk` and :mod:`lis_bridge.results_bulk`, with the same outcome:
-the Hypothesis tests in ``tests/integration/test_ingest_bulk.py`` compare the fast lane
-with the one-at-a-time path on SQLite and PostgreSQL.
+Values reach the server through psycopg2's own quoting (parameters, ``cursor.mogrify``
+and, for the writes, ``adapt(value).getquoted()``), never by string formatting. The other
+databases take the statements of :mod:`engine.ingest_bulk` and
+:mod:`lis_bridge.results_bulk`, with the same outcome: the Hypothesis tests in
+``tests/integration/test_ingest_bulk.py`` compare the fast lane with the one-at-a-time
+path on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
+import psycopg2.extensions
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql
 
@@ -147,16 +149,56 @@ class _Insert:
                 f"({', '.join(self.columns)}) SELECT {names} FROM unnest({params}) "
                 f"WITH ORDINALITY AS u({names}, n) ORDER BY n{self.suffix}")
 
-    def execute(self, cursor: Any, rows: Sequence[dict[str, Any]]) -> bytes:
-        """``EXECUTE`` for ``rows`` (dicts with exactly :attr:`columns`), quoted by
-        psycopg2, in the order given (the ids the table draws follow it)."""
+    def execute(self, quote: _Quoter, rows: Sequence[dict[str, Any]]) -> bytes:
+        """``EXECUTE`` for ``rows`` (dicts with exactly :attr:`columns`), in the order
+        given (the ids the table draws follow it)."""
         if set(rows[0]) != set(self.columns):
             raise ValueError(f"{self.table.name} rows have columns {sorted(rows[0])}, "
                              f"the prepared insert {sorted(self.columns)}")
-        marks = ", ".join(["%s"] * len(self.columns))
-        return cast(bytes, cursor.mogrify(
-            f"EXECUTE {self.name} ({marks})",
-            [[_plain(row[name]) for row in rows] for name in self.columns]))
+        return (f"EXECUTE {self.name} (".encode()
+                + b", ".join(quote.array([row[name] for row in rows]) for name in self.columns)
+                + b")")
+
+
+class _Quoter:
+    """Values as SQL literals, quoted by psycopg2 (``adapt(value).getquoted()``, as
+    ``cursor.mogrify`` does), each distinct value once a batch: a batch's rows repeat
+    their times, statuses, interfaces and states, and psycopg2 took ~2 µs for each
+    timestamp and ~1 µs for each id of an array, 0.3 ms a batch in all."""
+
+    def __init__(self, cursor: Any) -> None:
+        self._connection = cursor.connection
+        self._done: dict[tuple[type, Any], bytes] = {}
+
+    def __call__(self, value: Any) -> bytes:
+        kind = type(value)
+        if kind is int:  # what psycopg2 writes for one: its digits, after a space if < 0
+            return str(value).encode() if value >= 0 else b" " + str(value).encode()
+        if value is None:
+            return b"NULL"
+        if isinstance(value, str):
+            value, kind = str(value), str  # StrEnum members as the plain strings they stand for
+        elif kind is bytes:
+            return self._quote(value)  # a message: quoted once, never seen again
+        key = (kind, value)
+        done = self._done.get(key)
+        if done is None:
+            done = self._done[key] = self._quote(value)
+        return done
+
+    def _quote(self, value: Any) -> bytes:
+        adapted = psycopg2.extensions.adapt(value)
+        prepare = getattr(adapted, "prepare", None)
+        if prepare is not None:
+            prepare(self._connection)  # the connection's encoding and string rules
+        return cast(bytes, adapted.getquoted())
+
+    def array(self, values: Sequence[Any]) -> bytes:
+        """``values`` as psycopg2 writes a list: ``ARRAY[...]``, or ``'{...}'`` when
+        empty or all NULL (an ``ARRAY[NULL]`` would be text[], which no other type takes)."""
+        if all(value is None for value in values):
+            return b"'{" + b",".join([b"NULL"] * len(values)) + b"}'"
+        return b"ARRAY[" + b",".join(map(self, values)) + b"]"
 
 
 # The writes are prepared too: parsing, analysing and planning an INSERT ... VALUES of a
@@ -257,11 +299,6 @@ def read_stretch(cursor: Any, info: dict[str, Any], *, digests: Sequence[str],
     return facts
 
 
-def _plain(value: Any) -> Any:
-    # StrEnum members as the plain strings they stand for
-    return str(value) if isinstance(value, str) else value
-
-
 def write_stretch(cursor: Any, raw_rows: Sequence[dict[str, Any]],
                   specimen_rows: Sequence[dict[str, Any]], writes: BulkWrites, *,
                   commit: bool = False) -> None:
@@ -270,21 +307,22 @@ def write_stretch(cursor: Any, raw_rows: Sequence[dict[str, Any]],
     transaction; with ``commit``, the string ends with COMMIT (the cursor's connection must
     then be a :class:`lis_bridge.pg_connection.OneTripConnection`, whose ``commit()``
     finds nothing left to do)."""
-    statements = [_STORE.execute(cursor, raw_rows)]
+    quote = _Quoter(cursor)
+    statements = [_STORE.execute(quote, raw_rows)]
     if specimen_rows:
-        statements.append(_LINK.execute(cursor, specimen_rows))
+        statements.append(_LINK.execute(quote, specimen_rows))
     for status, ids in writes.test_ids.items():
-        statements.append(cursor.mogrify(f"EXECUTE {TEST_STATUS} (%s, %s::bigint[])",
-                                         (str(status), ids)))
+        statements.append(f"EXECUTE {TEST_STATUS} (".encode() + quote(status) + b", "
+                          + quote.array(ids) + b")")
     for state, ids in writes.moves.items():
-        statements.append(cursor.mogrify(f"EXECUTE {MOVE} (%s, %s, %s::bigint[])",
-                                         (str(state), writes.when, ids)))
+        statements.append(f"EXECUTE {MOVE} (".encode() + quote(state) + b", "
+                          + quote(writes.when) + b", " + quote.array(ids) + b")")
     if writes.events:
-        statements.append(_EVENT.execute(cursor, writes.events))
+        statements.append(_EVENT.execute(quote, writes.events))
     if writes.jobs:
         # as lis_bridge.results._enqueue_jobs writes them
         now = utcnow()
-        statements.append(_JOB.execute(cursor, [
+        statements.append(_JOB.execute(quote, [
             {"kind": kind, "dedupe_key": key, "payload": json.dumps(payload, sort_keys=True),
              "status": JobStatus.PENDING, "attempts": 0, "next_attempt_at": now,
              "last_error": "", "created_at": now, "updated_at": now}

@@ -524,12 +524,57 @@ def test_the_postgresql_prepared_inserts_refuse_a_value_too_long(
             bulk_pg.read_stretch(cursor, {}, digests=[], senders={},
                                  since=datetime(2026, 1, 1, tzinfo=UTC), waiting=[],
                                  samples=[], new_ids=0)  # prepares the statements
-            link = bulk_pg._LINK.execute(cursor, [{"message_fk": 1, "specimen_id": "S" * 65}])
+            quote = bulk_pg._Quoter(cursor)
+            link = bulk_pg._LINK.execute(quote, [{"message_fk": 1, "specimen_id": "S" * 65}])
             with pytest.raises(psycopg2.errors.StringDataRightTruncation):
                 cursor.execute(link)
             connection.rollback()
             with pytest.raises(ValueError, match="columns"):
-                bulk_pg._LINK.execute(cursor, [{"message_fk": 1}])
+                bulk_pg._LINK.execute(quote, [{"message_fk": 1}])
+        finally:
+            connection.rollback()
+            connection.close()
+
+
+@pytest.mark.postgres
+def test_the_postgresql_writes_quote_values_as_psycopg2_does(
+        postgres_copies: PostgresCopies) -> None:
+    """The fast lane's writes quote each distinct value once a batch; what they send is
+    what ``cursor.mogrify`` writes for the same list, whatever the text (quotes,
+    backslashes, NUL-free unicode), bytes, times, numbers and NULLs."""
+    import psycopg2
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from lis_bridge import bulk_pg
+    from lis_bridge.models import MessageStatus
+
+    with postgres_copies() as (_, url):
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        connection = psycopg2.connect(dsn)
+        try:
+            cursor = connection.cursor()
+            fixed = ["it's", "back\\slash", "Łukasz ü", "", None, 0, -7, 2**62, True, False,
+                     b"\x00\x0bMSH|'\\", datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+                     datetime(2026, 1, 2, 3, 4, 5), MessageStatus.APPLIED]
+            quote = bulk_pg._Quoter(cursor)
+            for value in fixed:
+                plain = str(value) if isinstance(value, str) else value
+                assert quote(value) == cursor.mogrify("%s", (plain,)), value
+            assert quote.array([]) == cursor.mogrify("%s", ([],))
+
+            text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+            values = st.lists(st.one_of(text, st.none(), st.integers(-2**63, 2**63 - 1),
+                                        st.binary(max_size=40), st.booleans()), max_size=8)
+
+            @settings(max_examples=200, deadline=None)
+            @given(values)
+            def same(items: list[Any]) -> None:
+                again = bulk_pg._Quoter(cursor)
+                assert again.array(items) == cursor.mogrify("%s", (items,))
+                assert again.array(items) == again.array(items)  # remembered, unchanged
+
+            same()
         finally:
             connection.rollback()
             connection.close()
