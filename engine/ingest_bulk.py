@@ -140,11 +140,15 @@ class BulkItem:
     apply_now: bool
     decoded: Decoded | None = None
     mapped: Any = None  # engine.mapping.MappedSpecimen of the one patient specimen
+    # results_bulk.result_own_rows(mapped.results): the PostgreSQL fast lane's COPY text
+    copy_rows: tuple[str, ...] | None = None
 
 
-def prepare_item(rt: InterfaceRuntime, raw: bytes, peer: str, apply_now: bool) -> BulkItem:
+def prepare_item(rt: InterfaceRuntime, raw: bytes, peer: str, apply_now: bool, *,
+                 copy_rows: bool = False) -> BulkItem:
     """A :class:`BulkItem` with the message decoded and, where the mapping needs nothing
-    from the database (no reference range by sex or age), mapped. Never raises: a
+    from the database (no reference range by sex or age), mapped; with ``copy_rows``,
+    its results also written as the PostgreSQL fast lane's COPY text. Never raises: a
     failure here is left for the writer, whose unit then stores the message and holds it
     with INTERNAL_ERROR as for any fault (Pipeline.submit). A message larger than
     ``REACTOR_DECODE_LIMIT`` is left whole for the writer: decoding it here would hold up
@@ -165,7 +169,13 @@ def prepare_item(rt: InterfaceRuntime, raw: bytes, peer: str, apply_now: bool) -
                 mapped = rt.mapping.map_specimen(patients[0])
             except Exception:  # noqa: BLE001 - mapped again in the writer
                 mapped = None
-    return BulkItem(rt, raw, peer, apply_now, decoded, mapped)
+    rows = None
+    if copy_rows and mapped is not None and not mapped.unmapped:
+        try:
+            rows = results_bulk.result_own_rows(mapped.results)
+        except Exception:  # noqa: BLE001 - written by the writer, which handles it
+            rows = None
+    return BulkItem(rt, raw, peer, apply_now, decoded, mapped, rows)
 
 
 @dataclass(slots=True)
@@ -385,6 +395,8 @@ def _planned(session: Session, stretch: list[_Prepared], now: datetime,
             continue
         p.plan = results_bulk.plan(known, mapped.results)
         if p.plan is not None:
+            if mapped is p.item.mapped:
+                p.plan.copy_rows = p.item.copy_rows
             fast.append(p)
     return fast
 

@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                 peer, apply_now = str(header.get("peer", "")), bool(header.get("apply_now", True))
                 if decode_on_arrival:
                     # decoded and mapped here while the writer waits on the server
-                    item = prepare_item(rt, payload, peer, apply_now)
+                    item = prepare_item(rt, payload, peer, apply_now, copy_rows=True)
                 else:
                     # left to the writer thread, in its batch (ingest_bulk decodes an item
                     # that is not)

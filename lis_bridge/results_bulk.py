@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
@@ -127,6 +127,8 @@ class BulkPlan:
     facts: SampleFacts
     results: Sequence[ResultInput]
     message_id: int | None = None
+    # result_own_rows(results), when worked out beforehand (off the writer's thread)
+    copy_rows: Sequence[str] | None = None
 
 
 def load_samples(session: Session, specimen_ids: Sequence[str]) -> dict[str, SampleFacts]:
@@ -201,6 +203,8 @@ class BulkWrites:
     jobs: list[tuple[str, str, dict[str, Any]]]  # outbox jobs (kind, dedupe key, payload)
     moved: dict[str, dict[str, Any]]  # specimen id -> fields of its transition log line
     when: datetime
+    # by result group: its result_own_rows() if worked out beforehand, else None
+    copy_rows: list[Sequence[str] | None] = field(default_factory=list)
 
     def result_rows(self) -> list[dict[str, Any]]:
         """The ``results`` rows, as :func:`lis_bridge.results.result_row` makes them."""
@@ -259,7 +263,8 @@ def plan_writes(plans: Sequence[BulkPlan], *, interface: str, now: datetime) -> 
                 **({"through": path[0][0]} if len(path) > 1 else {}),
             }
             moves.setdefault(state, []).append(facts.id)
-    return BulkWrites(groups, test_ids, moves, events, jobs, moved, when)
+    return BulkWrites(groups, test_ids, moves, events, jobs, moved, when,
+                      [p.copy_rows for p in plans])
 
 
 def plan_writes_many(by_interface: dict[str, list[BulkPlan]], *,
@@ -273,6 +278,7 @@ def plan_writes_many(by_interface: dict[str, list[BulkPlan]], *,
             merged = writes
             continue
         merged.result_groups += writes.result_groups
+        merged.copy_rows += writes.copy_rows
         for status, ids in writes.test_ids.items():
             merged.test_ids.setdefault(status, []).extend(ids)
         for state, ids in writes.moves.items():
@@ -358,17 +364,15 @@ _NULL = "\\N"
 RESULT_COPY = f"COPY {_RESULTS.name} ({', '.join(RESULT_COPY_COLUMNS)}) FROM STDIN"
 
 
-def result_copy_text(writes: BulkWrites) -> str:
-    """The result rows of ``writes`` as COPY text for :data:`RESULT_COPY`: the rows of
-    :meth:`BulkWrites.result_rows`, each value as COPY's text format reads it (NULL as
-    ``\\N``; backslash, tab, newline and carriage return escaped, so no value can end a
-    field or a row early; a test holds the two to each other), without a dict per row.
-    The fast lane's busiest Python (25 rows a message): the columns a sample's rows share
-    are written once, and each distinct string is escaped once per batch (a batch's rows
-    share most of their units, flags, statuses, codes and ranges)."""
-    escaped: dict[str, str] = {}
-    times: dict[int, str] = {}
-    lines: list[str] = []
+def result_own_rows(items: Sequence[ResultInput], escaped: dict[str, str] | None = None,
+                    times: dict[int, str] | None = None) -> tuple[str, ...]:
+    """Each result's own COPY columns (``_RESULT_OWN``), tab-separated: the part of its
+    row that :func:`result_copy_text` writes after the columns a sample's rows share.
+    Each value as COPY's text format reads it (NULL as ``\\N``; backslash, tab, newline
+    and carriage return escaped, so no value can end a field or a row early).
+    ``escaped`` and ``times`` remember strings and times already written, across calls."""
+    escaped = {} if escaped is None else escaped
+    times = {} if times is None else times
 
     def esc(value: str) -> str:
         text = escaped.get(value)
@@ -376,31 +380,54 @@ def result_copy_text(writes: BulkWrites) -> str:
             text = escaped[value] = value.translate(_COPY_ESCAPES)
         return text
 
+    rows = []
+    for item in items:
+        number = _number(item)
+        when = item.observed_at  # cached by the item's own (live) object
+        if when is None:
+            observed = _NULL
+        elif (cached := times.get(id(when))) is not None:
+            observed = cached
+        else:
+            utc = observed_utc(item)
+            observed = times[id(when)] = _NULL if utc is None else utc.isoformat()
+        rows.append("\t".join((
+            esc(item.test_code), esc(item.analyzer_code), esc(item.value_text),
+            _NULL if number is None else str(number), esc(item.comparator),
+            esc(item.units), esc(item.reference_range), esc(item.flag),
+            "t" if item.is_critical else "f", esc(item.status), observed,
+            esc(item.equipment), esc(_comments(item)))))
+    return tuple(rows)
+
+
+def result_copy_text(writes: BulkWrites) -> str:
+    """The result rows of ``writes`` as COPY text for :data:`RESULT_COPY`: the rows of
+    :meth:`BulkWrites.result_rows`, each value as COPY's text format reads it, without a
+    dict per row (a test holds the two to each other). The fast lane's busiest Python (25
+    rows a message): the columns a sample's rows share are written once per sample, each
+    result's own columns come from :func:`result_own_rows`, worked out beforehand where
+    ``writes.copy_rows`` has them (on the ingest process's reading thread, while the
+    writer waits for the database), and each distinct string is escaped once per batch
+    (a batch's rows share most of their units, flags, statuses, codes and ranges)."""
+    escaped: dict[str, str] = {}
+    times: dict[int, str] = {}
+    lines: list[str] = []
     created = writes.when.isoformat()
-    for sample_id, message_id, interface, items in writes.result_groups:
+    ready = writes.copy_rows
+    for n, (sample_id, message_id, interface, items) in enumerate(writes.result_groups):
         message = _NULL if message_id is None else str(message_id)
         # sample_fk, interface, message_fk, is_current t, superseded_by_fk NULL, created_at
-        shared = f"{sample_id}\t{esc(interface)}\t{message}\tt\t{_NULL}\t{created}\t"
-        for item in items:
-            number = _number(item)
-            when = item.observed_at  # cached by the item's own (live) object
-            if when is None:
-                observed = _NULL
-            elif (cached := times.get(id(when))) is not None:
-                observed = cached
-            else:
-                utc = observed_utc(item)
-                observed = times[id(when)] = _NULL if utc is None else utc.isoformat()
-            lines.append(shared + "\t".join((
-                esc(item.test_code), esc(item.analyzer_code), esc(item.value_text),
-                _NULL if number is None else str(number), esc(item.comparator),
-                esc(item.units), esc(item.reference_range), esc(item.flag),
-                "t" if item.is_critical else "f", esc(item.status), observed,
-                esc(item.equipment), esc(_comments(item)))))
+        shared = (f"{sample_id}\t{interface.translate(_COPY_ESCAPES)}\t{message}\tt\t"
+                  f"{_NULL}\t{created}\t")
+        own = ready[n] if n < len(ready) else None
+        if own is None:
+            own = result_own_rows(items, escaped, times)
+        lines.extend(shared + row for row in own)
     lines.append("")
     return "\n".join(lines)
 
 
 __all__ = ["RESULT_COPY", "RESULT_COPY_COLUMNS", "BulkPlan", "BulkWrites", "SampleFacts",
            "load_samples", "plan",
-           "plan_writes", "plan_writes_many", "result_copy_text", "sample_facts", "write_many"]
+           "plan_writes", "plan_writes_many", "result_copy_text", "result_own_rows",
+           "sample_facts", "write_many"]

@@ -124,12 +124,15 @@ def snapshot(engine: Engine, results: list[IngestResult]) -> dict[str, Any]:
         )
         specimens = sorted((position[m], s) for m, s in rows(
             "SELECT message_fk, specimen_id FROM message_specimens"))
+        # every column a result row holds, but its id and the time it was written
         result_rows = Counter(
             (specimen, code, value, status, flag, bool(current), bool(critical),
-             position[message], superseded is not None)
-            for specimen, code, value, status, flag, current, critical, message, superseded
+             position[message], superseded is not None, *rest)
+            for specimen, code, value, status, flag, current, critical, message, superseded, *rest
             in rows("SELECT s.specimen_id, r.test_code, r.value_text, r.status, r.flag, "
-                    "r.is_current, r.is_critical, r.message_fk, r.superseded_by_fk "
+                    "r.is_current, r.is_critical, r.message_fk, r.superseded_by_fk, "
+                    "r.analyzer_code, r.value_number, r.comparator, r.units, "
+                    "r.reference_range, r.observed_at, r.equipment, r.comments, r.interface "
                     "FROM results r JOIN samples s ON s.id = r.sample_fk")
         )
         samples = sorted(rows("SELECT specimen_id, state FROM samples"))
@@ -187,11 +190,13 @@ def batches(draw: st.DrawFn) -> list[bytes]:
 
 
 def both_ways(template: Any, messages: list[bytes], mapping: Path = MAPPING) -> None:
-    """One at a time (as undecoded items) against bulk (items prepared on the 'reactor' by
-    prepare_item, as Pipeline.submit does)."""
+    """One at a time (as undecoded items) against bulk (items prepared on arrival by
+    prepare_item, as Pipeline.submit does, every other one with its results' COPY text
+    worked out beforehand, as the ingest process does on PostgreSQL)."""
     rt = runtime(mapping)
     items = [BulkItem(rt, raw, "127.0.0.1:1", True) for raw in messages]
-    prepared = [prepare_item(rt, raw, "127.0.0.1:1", True) for raw in messages]
+    prepared = [prepare_item(rt, raw, "127.0.0.1:1", True, copy_rows=n % 2 == 0)
+                for n, raw in enumerate(messages)]
     with template() as (alone_url, bulk_url):
         alone_engine, bulk_engine = make_engine(alone_url), make_engine(bulk_url, writer=True)
         try:
@@ -360,6 +365,17 @@ def mostly_plain_batches(draw: st.DrawFn) -> list[bytes]:
 def test_mostly_plain_batches_equal_one_at_a_time_on_postgresql(
         postgres_copies: PostgresCopies, messages: list[bytes]) -> None:
     both_ways(postgres_copies, messages)
+
+
+@pytest.mark.postgres
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=mostly_plain_batches())
+def test_batches_mapped_on_arrival_equal_one_at_a_time_on_postgresql(
+        postgres_copies: PostgresCopies, plain_mapping: Path, messages: list[bytes]) -> None:
+    """As the ingest process runs on PostgreSQL: messages decoded and mapped as they
+    arrive, their results' COPY text written then (every other one here), the writer
+    taking it from there."""
+    both_ways(postgres_copies, messages, plain_mapping)
 
 
 @pytest.mark.postgres
@@ -807,7 +823,12 @@ def test_the_fast_result_copy_text_is_the_row_by_row_text(
     the same rows built one by one by result_row (the rows the one-at-a-time path
     inserts) with each value written as COPY reads it: escapes, NULLs, numbers, booleans,
     times, comments."""
-    from lis_bridge.results_bulk import RESULT_COPY_COLUMNS, BulkWrites, result_copy_text
+    from lis_bridge.results_bulk import (
+        RESULT_COPY_COLUMNS,
+        BulkWrites,
+        result_copy_text,
+        result_own_rows,
+    )
 
     when = datetime(2026, 12, 4, 9, 30, tzinfo=UTC)
     writes = BulkWrites([(s, m, i, tuple(items)) for s, m, i, items in groups], {}, {}, [], [],
@@ -816,6 +837,10 @@ def test_the_fast_result_copy_text_is_the_row_by_row_text(
     assert set(RESULT_COPY_COLUMNS) == set(rows[0])
     expected = "".join("\t".join(_copy_text(row[name]) for name in RESULT_COPY_COLUMNS) + "\n"
                        for row in rows)
+    assert result_copy_text(writes) == expected
+    # the same with some groups' own columns worked out beforehand (prepare_item)
+    writes.copy_rows = [result_own_rows(items) if n % 2 else None
+                        for n, (_, _, _, items) in enumerate(writes.result_groups)]
     assert result_copy_text(writes) == expected
 
 
