@@ -65,3 +65,38 @@ def test_a_json_line_holds_what_an_operator_reads(capsys: object) -> None:
     assert lines[1]["event"] == "a library line" and lines[1]["level"] == "warning"
     assert lines[1]["logger"] == "twisted"
     assert logging._srcfile is None and not logging.logThreads
+
+
+def test_levels_are_the_standard_librarys_for_each_logger(capsys: object) -> None:
+    """Our lines skip the standard library's handlers, not its levels: the root's level
+    holds, and a level set for one module turns its debug lines on, even for a logger
+    built before (cached)."""
+    configure_logging("json", level=logging.INFO, cache_loggers=True)
+    log = structlog.get_logger("engine.adapters.test_levels")
+    log.debug("hidden.first")
+    log.info("shown.first")
+    module = logging.getLogger("engine.adapters.test_levels")
+    module.setLevel(logging.DEBUG)
+    try:
+        log.debug("shown.then")
+    finally:
+        module.setLevel(logging.NOTSET)
+    log.debug("hidden.again")
+    out = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert "shown.first" in out and "shown.then" in out
+    assert "hidden" not in out
+
+
+def test_a_log_stream_that_is_gone_never_stops_the_caller(capfd: object) -> None:
+    """A closed log stream (a service manager's pipe gone, a test's capture over): lines
+    are dropped, said once on stderr, and the code that logs goes on."""
+    import io
+
+    stream = io.StringIO()
+    configure_logging("json", level=logging.INFO, stream=stream)
+    stream.close()
+    structlog.get_logger("engine.pipeline").info("message.applied", message_id=1)
+    structlog.get_logger("engine.pipeline").error("still.here")
+    logging.getLogger("twisted").warning("a library line")
+    err = capfd.readouterr().err  # type: ignore[attr-defined]
+    assert err.count("log lines cannot be written") == 1, err
